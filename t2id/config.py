@@ -1,0 +1,173 @@
+"""The one config file: a pydantic model per section, `extra="forbid"` everywhere.
+
+Each stage owns its section model (`t2id/<stage>/config.py`); this module assembles them into
+`T2IDConfig`, loads YAML safely, turns validation errors into one line per problem that names
+the key path, the offending value and the fix, and hashes sections for stage markers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from t2id.cluster_config import ClusterConfig
+from t2id.configbase import Section
+from t2id.data.config import DataConfig
+from t2id.grid.config import GridConfig
+from t2id.errors import ConfigError
+from t2id.evaluate.config import EvaluateConfig
+from t2id.generate.config import GenerateConfig
+from t2id.label.config import LabelConfig
+from t2id.lora.config import LoraConfig
+from t2id.report.config import ReportConfig
+from t2id.split.config import SplitConfig
+
+STAGES: tuple[str, ...] = ("data", "split", "lora", "generate", "label", "evaluate", "grid", "report")
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class RunConfig(Section):
+    id: str = Field("t2id-run", description="Run id: the run lives under <store>/<id>/; the same id resumes the run.")
+    seed: int = Field(0, ge=0, description="Root seed; every random choice in every stage derives from it.")
+    stages: list[str] = Field(list(STAGES), description="Stages `t2id run` executes, in pipeline order.")
+    description: str = Field("", description="Free text shown in the report.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_path_segment(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it becomes a folder/prefix name)")
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        return [s for s in STAGES if s in value]  # pipeline order, whatever order was written
+
+
+class StoreConfig(Section):
+    uri: str = Field("./t2id-runs", description="Local folder or s3://bucket/prefix holding all runs.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, Ceph, ...). Default: AWS_ENDPOINT_URL, else AWS."
+    )
+    region: str | None = Field(None, description="S3 region. Default: the standard AWS chain.")
+    max_attempts: int = Field(8, ge=1, le=50, description="Attempts per S3 call (exponential backoff).")
+    cache_dir: str = Field("~/.cache/t2id", description="Local cache for materialized datasets and models.")
+
+
+class T2IDConfig(Section):
+    run: RunConfig = RunConfig()
+    store: StoreConfig = StoreConfig()
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    lora: LoraConfig = LoraConfig()
+    generate: GenerateConfig = GenerateConfig()
+    label: LabelConfig = LabelConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    grid: GridConfig = GridConfig()
+    report: ReportConfig = ReportConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections (plus run.seed), canonical JSON: what a stage marker compares."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        payload["run.seed"] = self.run.seed
+        return sha256_json(payload)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    kind = err["type"]
+    ctx = err.get("ctx", {})
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys: {', '.join(allowed)}"
+        return f"{path}: unknown key; {fix}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+              "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        return f"{path}: must be {bounds[kind].format(**ctx)}, got {got!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg[0].lower() + msg[1:]}, got {got!r}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at `loc`, for 'did you mean' hints."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> T2IDConfig:
+    """Validate a parsed config; raise ConfigError with one line per problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return T2IDConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {_format_error(e, T2IDConfig)}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> T2IDConfig:
+    """Load a YAML config (safe loader), apply dotted-key overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass a YAML file (see configs/demo.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    raw = raw or {}
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw['a']['b'] = value for 'a.b', creating mappings on the way."""
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def dump_config(config: T2IDConfig) -> str:
+    """The effective config as YAML, defaults filled in (what `config show` prints and runs save)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=100)
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a config shipped in the repository's configs/ folder (e.g. 'demo')."""
+    path = REPO_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"built-in config '{name}' not found at {path}")
+    return path

@@ -1,0 +1,1 @@
+"""Deployment: job submission, KubeRay manifests."""

@@ -1,0 +1,1 @@
+"""Stage package: split (subject-grouped k-fold)."""

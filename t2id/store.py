@@ -1,0 +1,328 @@
+"""One artifact store over a local folder or an S3 prefix.
+
+Keys are '/'-separated paths relative to the store root. Every write is atomic: a reader sees
+either the old object or the complete new one, never a part of it.
+  - local: write a hidden temp file in the destination folder, fsync, os.replace (atomic on POSIX);
+  - S3: a single PUT, or a multipart upload that only becomes visible when completed.
+Every write returns the sha256 of the bytes written; on S3 it is also stored as object metadata
+(`x-amz-meta-sha256`) so `sha256(key)` needs no download.
+
+Credentials never come from the config: boto3's standard chain (environment, shared config,
+instance/pod identity). Transient S3 errors are retried with exponential backoff by botocore's
+"standard" retry mode (throttling, 5xx, connection errors), `store.max_attempts` attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from t2id.errors import UserError
+
+TMP_PREFIX = ".t2id-tmp-"
+_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ObjectNotFound(UserError):
+    """A key that should exist does not."""
+
+
+class Store(ABC):
+    """Artifact store rooted at a local folder or an s3://bucket/prefix."""
+
+    @property
+    @abstractmethod
+    def root(self) -> str:
+        """URI of the store root (a path or s3://bucket/prefix)."""
+
+    @abstractmethod
+    def child(self, prefix: str) -> Store:
+        """A store rooted at `prefix` under this one (e.g. a run's folder)."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Atomically write `data` at `key`; return its sha256."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_file(self, key: str, local_path: str | os.PathLike[str]) -> str:
+        """Atomically upload a local file to `key`; return its sha256."""
+
+    @abstractmethod
+    def read_file(self, key: str, local_path: str | os.PathLike[str]) -> Path:
+        """Download `key` to `local_path` (atomically); return the path."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under the folder `prefix` (recursive, sorted), excluding in-flight temp files."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete `key` if present (no error when absent)."""
+
+    @abstractmethod
+    def sha256(self, key: str) -> str:
+        """sha256 of the object at `key` (from metadata when the store recorded it)."""
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{key}" if key else self.root
+
+    # Derived helpers: same on every backend.
+    def write_text(self, key: str, text: str) -> str:
+        return self.write_bytes(key, text.encode("utf-8"))
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_table(self, key: str, table: pa.Table) -> str:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        return self.write_bytes(key, buffer.getvalue())
+
+    def read_table(self, key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid store key {key!r}: use a relative 'a/b/c' path")
+    return key
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = Path(root).expanduser().resolve()
+
+    @property
+    def root(self) -> str:
+        return str(self._root)
+
+    def path(self, key: str) -> Path:
+        """Local filesystem path of `key` (local stores only)."""
+        return self._root / _check_key(key)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self._root / _check_key(prefix.strip("/")))
+
+    def _publish(self, key: str, fill) -> str:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                digest = fill(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        def fill(fh):
+            fh.write(data)
+            return sha256_bytes(data)
+
+        return self._publish(key, fill)
+
+    def write_file(self, key: str, local_path: str | os.PathLike[str]) -> str:
+        def fill(fh):
+            digest = hashlib.sha256()
+            with open(local_path, "rb") as src:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    fh.write(chunk)
+            return digest.hexdigest()
+
+        return self._publish(key, fill)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+
+    def read_file(self, key: str, local_path: str | os.PathLike[str]) -> Path:
+        src = self.path(key)
+        if not src.is_file():
+            raise ObjectNotFound(f"{self.uri(key)} does not exist")
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{dest.name}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._root / prefix.strip("/") if prefix.strip("/") else self._root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    keys.append(Path(dirpath, name).relative_to(self._root).as_posix())
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def sha256(self, key: str) -> str:
+        if not self.exists(key):
+            raise ObjectNotFound(f"{self.uri(key)} does not exist")
+        return sha256_file(self.path(key))
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 max_attempts: int = 8) -> None:
+        import boto3
+        from botocore.config import Config
+
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise UserError(f"store.uri {uri!r}: expected s3://bucket[/prefix]")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region
+        self.max_attempts = max_attempts
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=region,
+            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                          s3={"addressing_style": "path"} if self.endpoint_url else None),
+        )
+
+    def __reduce__(self):  # picklable for Ray tasks: rebuild the client on the other side
+        return (S3Store, (self.uri(), self.endpoint_url, self.region, self.max_attempts))
+
+    @property
+    def root(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def child(self, prefix: str) -> S3Store:
+        sub = _check_key(prefix.strip("/"))
+        return S3Store(f"s3://{self.bucket}/{self._key(sub)}", self.endpoint_url, self.region, self.max_attempts)
+
+    def _not_found(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest})
+        return digest
+
+    def write_file(self, key: str, local_path: str | os.PathLike[str]) -> str:
+        # upload_file uses multipart above its threshold; the object appears only on completion.
+        digest = sha256_file(local_path)
+        self._client.upload_file(str(local_path), self.bucket, self._key(key),
+                                 ExtraArgs={"Metadata": {"sha256": digest}})
+        return digest
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self._client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+
+    def read_file(self, key: str, local_path: str | os.PathLike[str]) -> Path:
+        dest = Path(local_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{dest.name}")
+        try:
+            self._client.download_file(self.bucket, self._key(key), str(tmp))
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            if self._not_found(exc):
+                raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+            raise
+        os.replace(tmp, dest)
+        return dest
+
+    def _head(self, key: str) -> dict | None:
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            if self._not_found(exc):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = prefix.strip("/")
+        folder = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def sha256(self, key: str) -> str:
+        head = self._head(key)
+        if head is None:
+            raise ObjectNotFound(f"{self.uri(key)} does not exist")
+        recorded = head.get("Metadata", {}).get("sha256")
+        return recorded or sha256_bytes(self.read_bytes(key))
+
+
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,
+               max_attempts: int = 8) -> Store:
+    """Open a local or S3 store from a URI."""
+    if uri.startswith("s3://"):
+        return S3Store(uri, endpoint_url=endpoint_url, region=region, max_attempts=max_attempts)
+    if "://" in uri:
+        raise UserError(f"store.uri {uri!r}: use a local path or s3://bucket/prefix")
+    return LocalStore(uri)
+
+
+def store_from_config(store_cfg) -> Store:
+    """The store of a `store` config section."""
+    return open_store(store_cfg.uri, store_cfg.endpoint_url, store_cfg.region, store_cfg.max_attempts)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a real S3 API server on loopback, a real local Ray, stores on both backends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+# Tests never touch real AWS: dummy credentials for the loopback server only, no hub downloads.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's ThreadedMotoServer on 127.0.0.1; yields its endpoint URL (also set as AWS_ENDPOINT_URL)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # Ray workers started after this inherit it
+    yield endpoint
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh bucket on the test server; yields its name."""
+    import boto3
+
+    name = f"t2id-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same test runs against a local folder and against the S3 test server."""
+    from t2id.store import open_store
+
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/prefix", endpoint_url=request.getfixturevalue("s3_server"))
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 2 CPUs, started once per test module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -88,8 +88,10 @@ def _register_optional_commands() -> None:
     """Stage and deployment command groups live beside their code."""
     from t2id.data.cli import app as data_app
     from t2id.deploy.cli import register as register_deploy
+    from t2id.evaluate.cli import app as models_app
 
     app.add_typer(data_app, name="data")
+    app.add_typer(models_app, name="models")
     register_deploy(app)
 
 

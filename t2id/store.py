@@ -91,7 +91,15 @@ class Store(ABC):
         """sha256 of the object at `key` (from metadata when the store recorded it)."""
 
     def uri(self, key: str = "") -> str:
+        """Full URI of `key` (what manifests store in their `uri` column)."""
         return f"{self.root.rstrip('/')}/{key}" if key else self.root
+
+    def key_of(self, uri: str) -> str:
+        """Inverse of `uri`: the key of a full URI under this store's root."""
+        root = self.root.rstrip("/") + "/"
+        if not uri.startswith(root):
+            raise UserError(f"{uri} is not inside the store {self.root}")
+        return uri[len(root):]
 
     # Derived helpers: same on every backend.
     def write_text(self, key: str, text: str) -> str:

@@ -47,12 +47,13 @@ class StageContext:
     store: Store  # the run's store: <store>/<run_id>/
     stage: str
     cache_dir: Path  # local scratch and caches (materialized datasets, models)
+    enabled: frozenset[str] = frozenset()  # stages this run executes (configured and available)
 
     def marker(self, stage: str) -> dict[str, Any] | None:
         return read_marker(self.store, stage)
 
     def stage_enabled(self, stage: str) -> bool:
-        return stage in self.config.run.stages and stage_available(stage)
+        return stage in self.enabled
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,9 @@ def stage_available(stage: str) -> bool:
     return importlib.util.find_spec(_module_name(stage)) is not None
 
 
-def get_stage(stage: str) -> Stage:
-    if stage not in STAGES:
-        raise UserError(f"unknown stage '{stage}'; choose from {', '.join(STAGES)}")
-    if not stage_available(stage):
-        raise UserError(f"stage '{stage}' is not available in this version of t2id")
-    return importlib.import_module(_module_name(stage)).STAGE
+def load_stages() -> dict[str, Stage]:
+    """Every stage this installation provides, in pipeline order."""
+    return {name: importlib.import_module(_module_name(name)).STAGE for name in STAGES if stage_available(name)}
 
 
 def read_marker(store: Store, stage: str) -> dict[str, Any] | None:
@@ -124,9 +122,14 @@ class StageOutcome:
     summary: dict[str, Any]
 
 
-def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None = None) -> list[StageOutcome]:
-    """Run the configured stages in order, skipping those whose marker matches."""
-    enabled = [s for s in config.run.stages if stage_available(s)]
+def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None = None,
+                 stages: dict[str, Stage] | None = None) -> list[StageOutcome]:
+    """Run the configured stages in order, skipping those whose marker matches.
+
+    `stages` defaults to every stage module of this installation (tests pass their own).
+    """
+    stages = load_stages() if stages is None else stages
+    enabled = [s for s in config.run.stages if s in stages]
     for name, flag in ((only, "--only"), (force, "--force")):
         if name is not None and name not in STAGES:
             raise UserError(f"{flag} {name!r}: unknown stage; choose from {', '.join(STAGES)}")
@@ -140,8 +143,8 @@ def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None 
     cache_dir = Path(config.store.cache_dir).expanduser()
     outcomes = []
     for name in selected:
-        stage = get_stage(name)
-        ctx = StageContext(config=config, store=store, stage=name, cache_dir=cache_dir)
+        stage = stages[name]
+        ctx = StageContext(config=config, store=store, stage=name, cache_dir=cache_dir, enabled=frozenset(enabled))
         identity = expected_identity(stage, ctx)
         marker = ctx.marker(name)
         if name not in forced and marker is not None and all(marker.get(k) == v for k, v in identity.items()):

@@ -1,0 +1,281 @@
+"""ultralytics integration: a DetectionTrainer whose train loader draws from t2id's samplers.
+
+Extension by subclassing only (STYLE.md item 7), nothing in ultralytics is patched:
+
+- `SampledYOLODataset(YOLODataset)`: the train dataset. Its mosaic/mixup/cutmix/copy-paste partner
+  images are drawn from the sampler's per-image distribution (`EpochSampler.marginal()`), because
+  ultralytics draws the other three mosaic tiles uniformly, which would dilute any sampler
+  (with CAS and mosaic, 3 of 4 tiles would otherwise be plain uniform draws).
+- `T2IDDetectionTrainer(DetectionTrainer)`: overrides the train dataloader (sampler + dataset above;
+  validation keeps ultralytics' standard unsampled loader), and three offline/isolation hooks:
+  `get_dataset` reads the data.yaml itself (ultralytics' `check_det_dataset` fetches Arial.ttf),
+  `final_eval` validates best.pt through the in-training validator path (the standalone path
+  re-runs `check_det_dataset`), and integration callbacks (Ray Tune reporting, platform, events,
+  loggers) are dropped so ultralytics never reports into a Ray Tune session that t2id controls.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from ultralytics.data.augment import Compose, CopyPaste, CutMix, MixUp, Mosaic
+from ultralytics.data.build import InfiniteDataLoader, seed_worker
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import load_checkpoint
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, colorstr
+from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
+
+from t2id.detect.samplers import CASSampler, EpochSampler, RFSSampler
+from t2id.errors import UserError
+
+# ultralytics' own callbacks are no-ops in this module; every other ultralytics callback module is an
+# integration (raytune, platform, events, tensorboard, mlflow, ...) that t2id does not want.
+_BASE_CALLBACKS_MODULE = "ultralytics.utils.callbacks.base"
+
+
+def is_integration_callback(callback: Callable) -> bool:
+    """True for ultralytics integration callbacks (Ray Tune, platform, analytics events, loggers)."""
+    module = getattr(callback, "__module__", "") or ""
+    return module.startswith("ultralytics.") and module != _BASE_CALLBACKS_MODULE
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset: mosaic/mixup partners follow the sampler
+# ----------------------------------------------------------------------------------------------
+
+# The mix transforms of ultralytics with partner images from `dataset.draw_partners` instead of uniform draws.
+
+class SampledMosaic(Mosaic):
+    def get_indexes(self) -> list[int]:
+        return self.dataset.draw_partners(self.n - 1)
+
+
+class SampledMixUp(MixUp):
+    def get_indexes(self) -> int:
+        return self.dataset.draw_partners(1)[0]
+
+
+class SampledCutMix(CutMix):
+    def get_indexes(self) -> int:
+        return self.dataset.draw_partners(1)[0]
+
+
+class SampledCopyPaste(CopyPaste):
+    def get_indexes(self) -> int:
+        return self.dataset.draw_partners(1)[0]
+
+
+_SAMPLED_TRANSFORMS: dict[type, type] = {
+    Mosaic: SampledMosaic, MixUp: SampledMixUp, CutMix: SampledCutMix, CopyPaste: SampledCopyPaste,
+}
+
+
+def _as_subclass(transform: Any, cls: type) -> Any:
+    """A `cls` instance carrying `transform`'s state (cls subclasses type(transform), adding get_indexes only)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(vars(transform))
+    return new
+
+
+def follow_sampler(transform: Any, memo: dict[int, Any] | None = None) -> Any:
+    """Replace mix transforms in a (nested) Compose by their sampler-following subclasses.
+
+    Shared sub-pipelines (MixUp's pre_transform is the same Compose as the first stage) stay shared.
+    """
+    memo = {} if memo is None else memo
+    if id(transform) in memo:
+        return memo[id(transform)]
+    if isinstance(transform, Compose):
+        memo[id(transform)] = transform
+        transform.transforms = [follow_sampler(t, memo) for t in transform.transforms]
+        return transform
+    new = transform
+    if type(transform) in _SAMPLED_TRANSFORMS:
+        new = _as_subclass(transform, _SAMPLED_TRANSFORMS[type(transform)])
+        if getattr(new, "pre_transform", None) is not None:
+            new.pre_transform = follow_sampler(new.pre_transform, memo)
+    memo[id(transform)] = new
+    return new
+
+
+class SampledYOLODataset(YOLODataset):
+    """YOLODataset whose mix-augmentation partners are drawn with the sampler's per-image probabilities.
+
+    The probabilities (`set_partner_probs`, from `EpochSampler.marginal()`; uniform until set) drive
+    every extra tile. Draws use Python's `random`, which ultralytics seeds per run and per worker.
+    `primary_draws` / `partner_draws` count how often each image was loaded as the main image / as a
+    partner (per process: exact with workers=0), so tests and diagnostics can see what was trained on.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._partner_cdf: np.ndarray | None = None
+        super().__init__(*args, **kwargs)
+        self.primary_draws = np.zeros(len(self), dtype=np.int64)
+        self.partner_draws = np.zeros(len(self), dtype=np.int64)
+
+    def set_partner_probs(self, probs: np.ndarray) -> None:
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.shape != (len(self),) or probs.min() < 0 or not probs.sum() > 0:
+            raise ValueError(f"partner probabilities must be {len(self)} non-negative values with a positive sum")
+        self._partner_cdf = np.cumsum(probs / probs.sum())
+
+    def draw_partners(self, k: int) -> list[int]:
+        if self._partner_cdf is None:
+            picks = [random.randrange(len(self)) for _ in range(k)]
+        else:
+            u = np.array([random.random() for _ in range(k)])
+            picks = np.minimum(np.searchsorted(self._partner_cdf, u, side="right"), len(self) - 1).tolist()
+        np.add.at(self.partner_draws, picks, 1)
+        return picks
+
+    def build_transforms(self, hyp: Any = None) -> Compose:
+        return follow_sampler(super().build_transforms(hyp))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.primary_draws[index] += 1
+        return super().__getitem__(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# data.yaml without ultralytics' check_det_dataset (which fetches fonts)
+# ----------------------------------------------------------------------------------------------
+
+def load_data_yaml(data_yaml: str | Path) -> dict[str, Any]:
+    """Read an ultralytics data.yaml (path/train/val/names) into the dict the trainer expects, offline."""
+    file = Path(data_yaml)
+    if not file.is_file():
+        raise UserError(f"data.yaml {file} does not exist: materialize the fold first.")
+    data = yaml.safe_load(file.read_text()) or {}
+    missing = [k for k in ("train", "val", "names") if not data.get(k)]
+    if missing:
+        raise UserError(f"{file} lacks {', '.join(missing)}: a YOLO data.yaml needs train, val and names.")
+    names = data["names"]
+    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
+    root = Path(data.get("path") or file.parent)
+    if not root.is_absolute():
+        root = (file.parent / root).resolve()
+    for key in ("train", "val", "test"):
+        if not data.get(key):
+            continue
+        paths = [data[key]] if isinstance(data[key], str) else list(data[key])
+        resolved = [(root / p).resolve() for p in paths]
+        for p in resolved:
+            if not p.exists():
+                raise UserError(f"{file}: {key} path {p} does not exist; fix the data.yaml or rematerialize the fold.")
+        data[key] = str(resolved[0]) if len(resolved) == 1 else [str(p) for p in resolved]
+    data.update(names=names, nc=len(names), channels=int(data.get("channels", 3)), path=root, yaml_file=str(file))
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+class T2IDDetectionTrainer(DetectionTrainer):
+    """DetectionTrainer with t2id's train sampler; everything else is ultralytics' own."""
+
+    def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None,
+                 _callbacks: dict | None = None, *, sampling: str = "none", rfs_threshold: float = 0.5,
+                 cas_epoch_size: int | None = None) -> None:
+        if sampling not in {"none", "rfs", "cas"}:
+            raise UserError(f"unknown sampling {sampling!r}: use none, rfs or cas.")
+        self.sampling = sampling
+        self.rfs_threshold = rfs_threshold
+        self.cas_epoch_size = cas_epoch_size
+        self.train_sampler: EpochSampler | None = None
+        super().__init__(cfg, overrides, _callbacks)
+        if self.ddp:
+            # ultralytics' DDP relaunches the trainer class from pickled overrides and loses `sampling`.
+            raise UserError(f"device {self.args.device!r} selects several GPUs; t2id trains one detector per "
+                            "device (run folds/strategies as parallel trials instead).")
+        for event, funcs in self.callbacks.items():  # also reaches the validator, which shares this dict
+            self.callbacks[event] = [f for f in funcs if not is_integration_callback(f)]
+        self.add_callback("on_train_epoch_start", _sync_sampler_epoch)
+
+    def run_callbacks(self, event: str) -> None:
+        # BaseTrainer.__init__ runs on_pretrain_routine_start right after adding integrations: filter here too.
+        for callback in self.callbacks.get(event, []):
+            if not is_integration_callback(callback):
+                callback(self)
+
+    def get_dataset(self) -> dict[str, Any]:
+        data = load_data_yaml(self.args.data)
+        if self.args.single_cls:
+            data.update(names={0: "item"}, nc=1)
+        return data
+
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
+        if mode != "train" or self.sampling == "none":
+            return super().build_dataset(img_path, mode, batch)
+        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        # The arguments ultralytics' build_yolo_dataset passes for a train split.
+        return SampledYOLODataset(
+            img_path=img_path, imgsz=self.args.imgsz, batch_size=batch, augment=True, hyp=self.args,
+            rect=self.args.rect, cache=self.args.cache or None, single_cls=self.args.single_cls or False,
+            stride=stride, pad=0.0, prefix=colorstr("train: "), task=self.args.task, classes=self.args.classes,
+            data=self.data, fraction=self.args.fraction,
+        )
+
+    def build_sampler(self, dataset: YOLODataset, rank: int) -> EpochSampler:
+        image_classes = [np.asarray(label["cls"], dtype=np.int64).ravel() for label in dataset.labels]
+        shard = {"num_replicas": max(self.world_size, 1), "rank": max(rank, 0)} if rank != -1 else \
+            {"num_replicas": 1, "rank": 0}
+        if self.sampling == "rfs":
+            return RFSSampler(image_classes, self.rfs_threshold, seed=self.args.seed,
+                              num_classes=self.data["nc"], **shard)
+        return CASSampler(image_classes, seed=self.args.seed, epoch_size=self.cas_epoch_size,
+                          num_classes=self.data["nc"], **shard)
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        if mode != "train" or self.sampling == "none":
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        with torch_distributed_zero_first(rank):
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+        if getattr(dataset, "rect", False):
+            raise UserError("rect=True orders images by aspect ratio and cannot be combined with rfs/cas sampling.")
+        sampler = self.build_sampler(dataset, rank)
+        dataset.set_partner_probs(sampler.marginal())
+        self.train_sampler = sampler
+        batch = min(batch_size, len(sampler))
+        # Same loader settings as ultralytics' build_dataloader, with our sampler instead of shuffle.
+        workers = min(self.args.workers, max(0, -(-len(sampler) // max(batch, 1)) - 1))
+        generator = torch.Generator()
+        generator.manual_seed(6148914691236517205 + RANK + self.args.seed)
+        LOGGER.info(f"{colorstr('t2id:')} {self.sampling} sampler, {len(sampler)} draws per epoch "
+                    f"for {len(dataset)} train images")
+        return InfiniteDataLoader(
+            dataset=dataset, batch_size=batch, shuffle=False, sampler=sampler, num_workers=workers,
+            prefetch_factor=4 if workers > 0 else None, pin_memory=self.device.type == "cuda",
+            collate_fn=getattr(dataset, "collate_fn", None), worker_init_fn=seed_worker, generator=generator,
+            drop_last=bool(self.args.compile) and len(sampler) > batch,
+        )
+
+    def final_eval(self) -> None:
+        """Validate best.pt as ultralytics does, but through the in-training validator path (offline)."""
+        if RANK not in {-1, 0} or not self.best.exists():
+            return
+        ckpt = strip_optimizer(self.last) if self.last.exists() else {}
+        strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
+        best_model, _ = load_checkpoint(self.best, device=self.device)
+        best_model.args = self.args  # the validation loss reads hyperparameters as attributes
+        LOGGER.info(f"\nValidating {self.best}...")
+        trained_ema = self.ema.ema
+        self.ema.ema = best_model.float()
+        try:
+            self.metrics = self.validator(self)
+        finally:
+            self.ema.ema = trained_ema
+        self.metrics.pop("fitness", None)
+
+
+def _sync_sampler_epoch(trainer: T2IDDetectionTrainer) -> None:
+    # ultralytics calls set_epoch only under DDP; this keeps resumed runs on the right epoch too.
+    if trainer.train_sampler is not None:
+        trainer.train_sampler.set_epoch(trainer.epoch)

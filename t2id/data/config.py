@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+
+from pydantic import Field, field_validator, model_validator
 
 from t2id.configbase import Section
 
@@ -29,7 +31,12 @@ class DataConfig(Section):
         description="YOLO dataset to import: a local folder, an s3:// prefix, or 'phantom' to generate one.",
     )
     phantom: PhantomConfig = PhantomConfig()
-    subject_map: str | None = Field(None, description="CSV/YAML file mapping image path/stem -> subject id.")
+    subject_map: str | None = Field(
+        None,
+        description="CSV (image,subject) or YAML/JSON mapping image path, file name or stem -> subject id. "
+                    "A relative path is looked up in the working directory, then in the dataset. Default "
+                    "(no map, no regex): subjects.csv at the dataset root (the phantom writes one).",
+    )
     subject_regex: str | None = Field(
         None, description="Regex with a named group 'subject' applied to the image file name."
     )
@@ -37,3 +44,39 @@ class DataConfig(Section):
         None, description="Class names; default: the dataset's data.yaml `names`."
     )
     strict: bool = Field(False, description="Fail the import when any file is rejected (default: quarantine it).")
+    box_tolerance: float = Field(
+        1e-3, ge=0.0, le=0.05,
+        description="How far (fraction of the image side) a box may poke out of the image and still be "
+                    "accepted (then clipped); annotation tools often round to just past the border.",
+    )
+    workers: int = Field(8, ge=1, le=64, description="Threads that read, hash, decode and copy images.")
+
+    @field_validator("subject_regex")
+    @classmethod
+    def _regex_has_subject_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if "subject" not in compiled.groupindex:
+            raise ValueError("needs a named group 'subject', e.g. '^(?P<subject>[^_]+)_'")
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _names_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value or any(not n.strip() for n in value):
+                raise ValueError("give at least one non-empty class name")
+            dupes = sorted({n for n in value if value.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate class names {dupes}")
+        return value
+
+    @model_validator(mode="after")
+    def _subject_source(self) -> "DataConfig":
+        if self.subject_map is not None and self.subject_regex is not None:
+            raise ValueError("data.subject_map and data.subject_regex are both set; keep one of them")
+        return self

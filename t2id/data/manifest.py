@@ -1,0 +1,153 @@
+"""Manifest schemas and readers: the tables every stage after `data` reads.
+
+One row per image. Real rows come from the `data` stage (`data/manifest.parquet`), synthetic
+rows from `generate`/`label` and add provenance columns. Boxes are YOLO-normalized centre
+format (x, y = box centre, w, h = box size, all as fractions of the image side).
+
+Store keys (run-relative) are constants here so no stage spells them twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from t2id.errors import UserError
+
+MANIFEST_KEY = "data/manifest.parquet"
+QUARANTINE_KEY = "data/quarantine.parquet"
+CLASSES_KEY = "data/classes.json"
+STATS_KEY = "data/stats.parquet"
+FIGURE_KEY = "data/class_distribution.png"
+SOURCES_KEY = "data/sources.parquet"
+IMAGES_PREFIX = "data/images"
+FOLDS_KEY = "split/folds.parquet"
+FOLD_CLASSES_KEY = "split/fold_classes.parquet"
+
+BOX_TYPE = pa.struct([
+    pa.field("class_id", pa.int32()),
+    pa.field("x", pa.float32()),
+    pa.field("y", pa.float32()),
+    pa.field("w", pa.float32()),
+    pa.field("h", pa.float32()),
+])
+
+IMAGE_FIELDS = [
+    pa.field("image_id", pa.string()),  # content hash (first 16 hex digits of the file's sha256)
+    pa.field("uri", pa.string()),  # full store URI of the image (Store.uri(key))
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("group", pa.string()),  # subject id: folds never split a group
+    pa.field("source", pa.string()),  # 'real' | 'synthetic'
+    pa.field("boxes", pa.list_(BOX_TYPE)),  # empty list = background image
+    pa.field("sha256", pa.string()),  # sha256 of the image file bytes
+]
+IMAGE_SCHEMA = pa.schema(IMAGE_FIELDS)
+
+SYNTHETIC_SCHEMA = pa.schema(IMAGE_FIELDS + [
+    pa.field("fold", pa.int32()),  # the fold whose TRAIN part the generator saw
+    pa.field("class_id", pa.int32()),  # class the prompt asked for
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance", pa.float32()),
+    pa.field("scheduler", pa.string()),
+    pa.field("base_model", pa.string()),
+    pa.field("lora_sha256", pa.string()),
+    pa.field("entropy", pa.float32()),  # quality gate inputs (see generate stage for units)
+    pa.field("std", pa.float32()),
+    pa.field("clip_score", pa.float32()),
+    pa.field("kept", pa.bool_()),
+    pa.field("reject_reason", pa.string()),  # null when kept
+    pa.field("label_source", pa.string()),  # how boxes were obtained (teacher, inpaint, ...)
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    pa.field("path", pa.string()),  # the rejected file, relative to the dataset root
+    pa.field("reason", pa.string()),  # readable reason
+])
+
+FOLDS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string()),
+    pa.field("fold", pa.int32()),
+    pa.field("group", pa.string()),
+])
+
+
+def image_id_of(sha256: str) -> str:
+    """The image id of a file with this sha256: 64 bits of content hash, short enough for file names."""
+    return sha256[:16]
+
+
+def boxes_to_pylist(boxes: Iterable[Sequence[float]]) -> list[dict]:
+    """[(class_id, x, y, w, h), ...] -> list of BOX_TYPE dicts."""
+    return [{"class_id": int(c), "x": float(x), "y": float(y), "w": float(w), "h": float(h)}
+            for c, x, y, w, h in boxes]
+
+
+def empty_table(schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
+    return schema.empty_table()
+
+
+def load_classes(run_store) -> list[str]:
+    """Class names of the run (written by the data stage)."""
+    if not run_store.exists(CLASSES_KEY):
+        raise UserError(f"{run_store.uri(CLASSES_KEY)} is missing: run the data stage first "
+                        f"(`t2id run CONFIG --only data`)")
+    return list(json.loads(run_store.read_text(CLASSES_KEY))["names"])
+
+
+def load_manifest(run_store) -> pa.Table:
+    """The real-image manifest of the run."""
+    if not run_store.exists(MANIFEST_KEY):
+        raise UserError(f"{run_store.uri(MANIFEST_KEY)} is missing: run the data stage first "
+                        f"(`t2id run CONFIG --only data`)")
+    return run_store.read_table(MANIFEST_KEY).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
+
+
+def load_folds(run_store) -> pa.Table:
+    if not run_store.exists(FOLDS_KEY):
+        raise UserError(f"{run_store.uri(FOLDS_KEY)} is missing: run the split stage first "
+                        f"(`t2id run CONFIG --only split`)")
+    return run_store.read_table(FOLDS_KEY)
+
+
+def fold_ids(run_store, fold: int, part: str = "train") -> list[str]:
+    """Image ids of a fold's part: 'val' = the images of fold `fold`, 'train' = all other folds."""
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+    folds = load_folds(run_store)
+    n_folds = int(pc.max(folds["fold"]).as_py()) + 1 if folds.num_rows else 0
+    if not 0 <= fold < n_folds:
+        raise UserError(f"fold {fold} does not exist: the split has folds 0..{n_folds - 1}")
+    in_fold = pc.equal(folds["fold"], fold)
+    mask = in_fold if part == "val" else pc.invert(in_fold)
+    return folds.filter(mask)["image_id"].to_pylist()
+
+
+def load_fold_rows(run_store, fold: int, part: str = "train") -> pa.Table:
+    """Image rows (IMAGE_SCHEMA) of fold `fold`'s train part (the other folds) or val part (this fold)."""
+    ids = fold_ids(run_store, fold, part)
+    manifest = load_manifest(run_store)
+    rows = manifest.filter(pc.is_in(manifest["image_id"], value_set=pa.array(ids, pa.string())))
+    return rows.sort_by([("group", "ascending"), ("image_id", "ascending")])
+
+
+def class_counts(table: pa.Table, n_classes: int) -> tuple[list[int], list[int]]:
+    """(instances per class, images per class) of an image table."""
+    instances = [0] * n_classes
+    images = [0] * n_classes
+    for boxes in table["boxes"].to_pylist():
+        seen = set()
+        for box in boxes or []:
+            cid = box["class_id"]
+            if 0 <= cid < n_classes:
+                instances[cid] += 1
+                seen.add(cid)
+        for cid in seen:
+            images[cid] += 1
+    return instances, images

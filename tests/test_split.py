@@ -1,0 +1,98 @@
+"""Subject-grouped, class-stratified folds: no leakage, balanced rare classes, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from t2id.config import validate_config
+from t2id.data.manifest import FOLD_CLASSES_KEY, FOLDS_KEY, load_fold_rows, load_manifest
+from t2id.data.phantom import write_phantom
+from t2id.data.stage import STAGE as DATA_STAGE
+from t2id.errors import UserError
+from t2id.runner import run_pipeline, run_store
+from t2id.split.folds import assert_no_leak, assign_folds, check_feasible
+from t2id.split.stage import STAGE as SPLIT_STAGE
+
+STAGES = {"data": DATA_STAGE, "split": SPLIT_STAGE}
+
+
+@st.composite
+def groupings(draw):
+    n_classes = draw(st.integers(1, 5))
+    n_groups = draw(st.integers(2, 14))
+    folds = draw(st.integers(2, n_groups))
+    counts = {f"g{i}": np.array(draw(st.lists(st.integers(0, 9), min_size=n_classes, max_size=n_classes)))
+              for i in range(n_groups)}
+    sizes = {g: int(c.max(initial=0)) + draw(st.integers(1, 12)) for g, c in counts.items()}
+    return counts, sizes, folds, draw(st.integers(0, 2**16)), draw(st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(groupings())
+def test_folds_never_share_a_subject(case):
+    counts, sizes, folds, seed, stratify = case
+    assignment = assign_folds(counts, sizes, folds, seed=seed, stratify=stratify)
+    assert set(assignment) == set(counts)  # every group exactly once (a dict: one fold per group)
+    assert set(assignment.values()) == set(range(folds))  # no empty fold
+    # expand to images and run the same check the stage runs before writing
+    groups = [g for g, n in sizes.items() for _ in range(n)]
+    assert_no_leak(groups, [assignment[g] for g in groups])
+    assert assign_folds(counts, sizes, folds, seed=seed, stratify=stratify) == assignment  # seeded
+
+
+def test_assert_no_leak_catches_a_split_subject():
+    with pytest.raises(AssertionError, match="'s1' is in folds 0 and 1"):
+        assert_no_leak(["s0", "s1", "s1"], [0, 0, 1])
+
+
+def test_rare_class_lands_in_every_fold():
+    # 8 subjects; class 1 is rare and held by exactly 4 of them: each of the 4 folds gets one.
+    counts = {f"s{i}": np.array([10, 2 if i in (1, 3, 4, 6) else 0]) for i in range(8)}
+    sizes = {g: 12 for g in counts}
+    for seed in range(5):
+        assignment = assign_folds(counts, sizes, 4, seed=seed)
+        assert sorted(assignment[f"s{i}"] for i in (1, 3, 4, 6)) == [0, 1, 2, 3]
+        assert sorted(np.bincount(list(assignment.values()), minlength=4)) == [2, 2, 2, 2]
+
+
+def test_too_few_subjects_for_a_class_names_it_and_the_fix():
+    counts = {"s0": np.array([3, 1]), "s1": np.array([2, 0]), "s2": np.array([4, 1]), "s3": np.array([1, 0])}
+    with pytest.raises(UserError) as err:
+        check_feasible(counts, ["common", "rare"], 3)
+    message = str(err.value)
+    assert "'rare' in 2 subject(s)" in message and "split.folds=3" in message and "split.folds <= 2" in message
+    with pytest.raises(UserError, match="only 4 subject"):
+        check_feasible(counts, ["common", "rare"], 5)
+
+
+def test_split_stage_on_the_phantom(tmp_path):
+    src = write_phantom(tmp_path / "ph", subjects=6, frames_per_subject=4, size=64)
+    cfg = validate_config({
+        "run": {"id": "r", "seed": 3, "stages": ["data", "split"]},
+        "store": {"uri": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "data": {"source": str(src)},
+        "split": {"folds": 3},
+    })
+    assert [o.status for o in run_pipeline(cfg, stages=STAGES)] == ["ran", "ran"]
+    store = run_store(cfg)
+    folds = store.read_table(FOLDS_KEY)
+    assert folds.column_names == ["image_id", "fold", "group"]
+    per_group = {}
+    for row in folds.to_pylist():
+        assert per_group.setdefault(row["group"], row["fold"]) == row["fold"]
+    assert sorted(per_group.values()) == [0, 0, 1, 1, 2, 2]  # 6 subjects of equal size -> 2 per fold
+    table = store.read_table(FOLD_CLASSES_KEY).to_pylist()
+    assert len(table) == 3 * 6 and all(r["subjects"] >= 1 for r in table)  # every class in every fold
+    manifest_ids = set(load_manifest(store)["image_id"].to_pylist())
+    for fold in range(3):
+        train = set(load_fold_rows(store, fold, "train")["image_id"].to_pylist())
+        val = set(load_fold_rows(store, fold, "val")["image_id"].to_pylist())
+        assert train and val and not train & val and train | val == manifest_ids
+        assert not ({g for g in load_fold_rows(store, fold, "train")["group"].to_pylist()}
+                    & {g for g in load_fold_rows(store, fold, "val")["group"].to_pylist()})
+    assert [o.status for o in run_pipeline(cfg, stages=STAGES)] == ["skipped", "skipped"]
+    again = validate_config({**cfg.model_dump(mode="json"), "split": {"folds": 2}})
+    assert [o.status for o in run_pipeline(again, stages=STAGES)] == ["skipped", "ran"]

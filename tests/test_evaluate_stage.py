@@ -1,0 +1,237 @@
+"""Stage `evaluate` end to end on a hand-built run (real Ray Data, S3 test server, tiny weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from t2id.config import validate_config
+from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA, SYNTHETIC_SCHEMA
+from t2id.errors import UserError
+from t2id.evaluate.stage import (
+    METRICS_KEY,
+    REAL_CACHE_KEY,
+    SYN_CACHE_KEY,
+    STAGE,
+    TABLE_CSV_KEY,
+    TABLE_MD_KEY,
+    FeatureBatch,
+    _load_cache,
+    real_rows_of_class,
+)
+from t2id.runner import StageContext
+from t2id.store import open_store
+
+NAMES = ["thyroid lobe", "tracheal ring", "vocal fold"]
+PROMPTS = {1: "High-resolution ultrasound scan of the human tracheal ring",
+           2: "High-resolution ultrasound scan of the human vocal fold"}
+SIZE = 48
+
+
+def _speckle(rng: np.random.Generator, bright: float = 0.0) -> bytes:
+    """An ultrasound-ish grey image: speckle noise around a darker band; `bright` shifts the distribution."""
+    img = rng.gamma(2.0, 30.0, (SIZE, SIZE)) + bright
+    img[SIZE // 3: SIZE // 2] *= 0.4
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthetic: int = 5) -> None:
+    """data/ + split/ + generate/ artifacts as the upstream stages write them (schemas from t2id.data.manifest)."""
+    rng = np.random.default_rng(0)
+    store.write_text("data/classes.json", json.dumps({"names": NAMES}))
+    rows, fold_rows = [], []
+    for subject in range(subjects):
+        for frame in range(frames):
+            data = _speckle(rng)
+            sha = hashlib.sha256(data).hexdigest()
+            key = f"data/images/{sha[:16]}.png"
+            store.write_bytes(key, data)
+            # every image shows the thyroid lobe; tracheal ring in 3 of 4 frames, vocal fold in half
+            boxes = [{"class_id": 0, "x": 0.5, "y": 0.5, "w": 0.2, "h": 0.2}]
+            boxes += [{"class_id": 1, "x": 0.3, "y": 0.3, "w": 0.1, "h": 0.1}] if frame < 3 else []
+            boxes += [{"class_id": 2, "x": 0.7, "y": 0.7, "w": 0.1, "h": 0.1}] if frame % 2 == 0 else []
+            rows.append({"image_id": sha[:16], "uri": store.uri(key), "width": SIZE, "height": SIZE,
+                         "group": f"s{subject}", "source": "real", "boxes": boxes, "sha256": sha})
+            fold_rows.append({"image_id": sha[:16], "fold": subject % folds, "group": f"s{subject}"})
+    store.write_table("data/manifest.parquet", pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table("split/folds.parquet", pa.Table.from_pylist(fold_rows, schema=FOLDS_SCHEMA))
+    for fold in range(folds):
+        syn = []
+        for class_id in (1, 2):
+            # tracheal ring: drawn like the real images; vocal fold: a clearly shifted distribution
+            bright = 0.0 if class_id == 1 else 120.0
+            for i in range(synthetic + 1):
+                data = _speckle(rng, bright)
+                sha = hashlib.sha256(data).hexdigest()
+                key = f"generate/fold={fold}/images/{NAMES[class_id].replace(' ', '-')}/{i:04d}.png"
+                store.write_bytes(key, data)
+                kept = i < synthetic  # the last one failed the quality gate: must not be counted
+                syn.append({"image_id": sha[:16], "uri": store.uri(key), "width": SIZE, "height": SIZE,
+                            "group": f"synthetic-fold{fold}", "source": "synthetic", "boxes": [], "sha256": sha,
+                            "fold": fold, "class_id": class_id, "prompt": PROMPTS[class_id], "negative_prompt": "",
+                            "seed": i, "steps": 4, "guidance": 7.5, "scheduler": "euler", "base_model": "tiny",
+                            "lora_sha256": "0" * 64, "entropy": 6.0, "std": 40.0, "clip_score": None,
+                            "kept": kept, "reject_reason": None if kept else "std<=30", "label_source": None})
+        store.write_table(f"generate/fold={fold}/manifest.parquet", pa.Table.from_pylist(syn, schema=SYNTHETIC_SCHEMA))
+
+
+def _ctx(store, tmp_path, **evaluate) -> StageContext:
+    cfg = validate_config({"run": {"id": "evaltest"}, "cluster": {"num_cpus": 2},
+                           "evaluate": {"kid_subsets": 20, "batch_size": 8, **evaluate}})
+    return StageContext(config=cfg, store=store, stage="evaluate", cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def s3_run_store(s3_bucket, s3_server):
+    return open_store(f"s3://{s3_bucket}/runs", endpoint_url=s3_server).child("evaltest")
+
+
+def test_feature_batch_call_without_ray(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    build_run(store, folds=2, subjects=2, frames=1, synthetic=1)
+    syn = store.read_table("generate/fold=0/manifest.parquet").to_pylist()[:2]
+    fn = FeatureBatch(store, "tiny", "tiny", str(tmp_path / "cache"), "cpu", batch_size=4)
+    out = fn({"uri": np.array([r["uri"] for r in syn]), "prompt": np.array([r["prompt"] for r in syn]),
+              "score_clip": np.array([True, False])})
+    assert out["pool3"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert 0 <= out["clip"][0] <= 100 and math.isnan(out["clip"][1])
+    assert list(out["uri"]) == [r["uri"] for r in syn]
+
+
+def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_path, ray_local):
+    store = s3_run_store
+    build_run(store)
+    result = STAGE.run(_ctx(store, tmp_path))
+    assert set(result.outputs) == {METRICS_KEY, TABLE_CSV_KEY, TABLE_MD_KEY}
+    assert all(store.sha256(k) == v for k, v in result.outputs.items())
+    table = store.read_table(METRICS_KEY)
+    for column in ("fold", "class", "fid", "kid_mean", "kid_std", "is_mean", "is_std", "clip_score",
+                   "n_real", "n_synthetic"):
+        assert column in table.column_names
+    rows = {(r["fold"], r["class"]): r for r in table.to_pylist()}
+    assert set(rows) == {(f, c) for f in (0, 1) for c in ("tracheal ring", "vocal fold")}
+
+    # sample sizes: the fold's TRAIN images holding the class (2 subjects x frames with it), kept synthetic only
+    from t2id.data.manifest import load_fold_rows
+
+    for fold in (0, 1):
+        train = load_fold_rows(store, fold, "train")
+        assert rows[(fold, "tracheal ring")]["n_real"] == real_rows_of_class(train, 1).num_rows == 6
+        assert rows[(fold, "vocal fold")]["n_real"] == real_rows_of_class(train, 2).num_rows == 4
+        assert rows[(fold, "tracheal ring")]["n_synthetic"] == rows[(fold, "vocal fold")]["n_synthetic"] == 5
+        near, far = rows[(fold, "tracheal ring")], rows[(fold, "vocal fold")]
+        assert np.isfinite([near["fid"], far["fid"], near["kid_mean"], near["is_mean"]]).all()
+        assert far["fid"] > 2 * near["fid"]  # the shifted synthetic set is measurably further from real
+        assert far["kid_mean"] > near["kid_mean"]
+        assert 1.0 <= near["is_mean"] <= 5.0  # IS is bounded by the number of images per split
+        assert 0.0 <= near["clip_score"] <= 100.0
+    assert result.summary["cache_hits"] == [] and result.summary["extracted_images"] == 12 + 20
+    for fold in (0, 1):
+        assert store.exists(REAL_CACHE_KEY.format(fold=fold)) and store.exists(SYN_CACHE_KEY.format(fold=fold))
+
+    md = store.read_text(TABLE_MD_KEY)
+    assert "| tracheal ring |" in md and "16.112 / 18.184 / 30.4036" in md  # ours beside paper Table I
+    assert "tracheal ring" in store.read_text(TABLE_CSV_KEY)
+
+    # A rerun (e.g. other KID settings) reuses every cached feature: no Ray pass, same FID/IS/CLIP.
+    again = STAGE.run(_ctx(store, tmp_path, kid_subsets=5))
+    assert again.summary["cache_hits"] == [0, 1] and again.summary["extracted_images"] == 0
+    before, after = table.to_pandas(), store.read_table(METRICS_KEY).to_pandas()
+    for column in ("fid", "is_mean", "clip_score", "n_real", "n_synthetic"):
+        np.testing.assert_allclose(after[column], before[column], rtol=1e-6)
+
+    # A changed image invalidates its fold's cache: the fingerprint covers every image's sha256.
+    cache_key = SYN_CACHE_KEY.format(fold=1)
+    cached = store.read_table(cache_key)
+    fingerprint = cached.schema.metadata[b"fingerprint"].decode()
+    wanted = list(zip(cached["id"].to_pylist(), cached["sha256"].to_pylist(), strict=True))
+    assert _load_cache(store, cache_key, fingerprint, wanted) is not None
+    assert _load_cache(store, cache_key, fingerprint, [(wanted[0][0], "0" * 64)] + wanted[1:]) is None
+    assert _load_cache(store, cache_key, fingerprint + "x", wanted) is None  # other weights
+
+
+def test_evaluate_stage_errors_name_what_to_fix(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    build_run(store, subjects=2, frames=1, synthetic=1)
+    with pytest.raises(UserError, match=r"evaluate\.inception_weights: .*missing\.pt not found"):
+        STAGE.run(_ctx(store, tmp_path, inception_weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(UserError, match=r"evaluate\.clip_weights: .* not found"):
+        STAGE.run(_ctx(store, tmp_path, clip_weights=str(tmp_path / "no-clip")))
+    for fold in (0, 1):
+        store.delete(f"generate/fold={fold}/manifest.parquet")
+    with pytest.raises(UserError, match="run the generate stage first"):
+        STAGE.run(_ctx(store, tmp_path))
+
+
+# ------------------------------------------------------------------ `t2id models cache`
+def _run_cli(argv: list[str]) -> int:
+    from t2id.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_models_cache_refuses_without_allow_network(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {id: x}\nevaluate: {inception_weights: s3://b/models/inception.pth}\n")
+    assert _run_cli(["models", "cache", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "evaluate.allow_network is false" in err and "Traceback" not in err
+    # with network allowed and only tiny stand-ins, there is nothing to download (and nothing is)
+    config.write_text("run: {id: x}\nevaluate: {allow_network: true}\n")
+    assert _run_cli(["models", "cache", str(config), "--out", str(tmp_path / "models")]) == 0
+    assert "nothing to fetch" in capsys.readouterr().out
+    assert not (tmp_path / "models").exists()
+
+
+def test_models_cache_plan_follows_the_config_values(tmp_path):
+    from t2id.config import builtin_config, load_config
+    from t2id.evaluate.cli import plan_fetches
+
+    local = tmp_path / "have.pth"
+    local.write_bytes(b"x")
+    cfg = load_config(builtin_config("t2id-cas"))
+    fetches, skipped = plan_fetches(cfg)
+    by_key = {f.config_key: f for f in fetches}
+    # s3 destinations: download from the hub default, upload to exactly the configured URI
+    assert by_key["evaluate.inception_weights"].source.endswith("weights-inception-2015-12-05-6726825d.pth")
+    assert by_key["evaluate.inception_weights"].upload_to == cfg.evaluate.inception_weights
+    assert by_key["evaluate.clip_weights"].source == "openai/clip-vit-large-patch14"
+    assert by_key["lora.base_model"].source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert by_key["lora.base_model"].upload_to == "s3://my-bucket/models/stable-diffusion-xl-base-1.0"
+    # a hub id is itself the source; an existing local file is left alone
+    cfg.evaluate.clip_weights = "laion/CLIP-ViT-g-14"
+    cfg.evaluate.inception_weights = str(local)
+    fetches, skipped = plan_fetches(cfg)
+    by_key = {f.config_key: f for f in fetches}
+    assert by_key["evaluate.clip_weights"].source == "laion/CLIP-ViT-g-14" and by_key["evaluate.clip_weights"].upload_to is None
+    assert "evaluate.inception_weights" not in by_key and any("exists locally" in s for s in skipped)
+
+
+def test_small_sets_give_nan_not_errors_and_the_table_says_n_a():
+    from t2id.evaluate.stage import METRICS_SCHEMA, class_metrics, table1
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(6, 2048))
+    none = class_metrics(real, np.zeros((0, 2048)), np.zeros((0, 1008)), np.zeros(0), 10, 1000, 10, seed=0)
+    one = class_metrics(real, rng.normal(size=(1, 2048)), rng.normal(size=(1, 1008)), np.array([31.0]), 10, 1000, 10,
+                        seed=0)
+    assert none["n_synthetic"] == 0 and math.isnan(none["fid"]) and math.isnan(none["is_mean"])
+    assert math.isnan(one["fid"]) and math.isnan(one["kid_mean"]) and one["is_mean"] == pytest.approx(1.0)
+    assert one["clip_score"] == 31.0 and one["n_real"] == 6
+    table = pa.Table.from_pylist([{"fold": 0, "class": "vocal fold", "class_id": 5, **none}], schema=METRICS_SCHEMA)
+    csv_text, md = table1(table, "SDXL-LoRA")
+    assert "| SDXL-LoRA | vocal fold | 1 | n/a |" in md and "5.54 / 17.623 / 29.8079" in md
+    assert csv_text.splitlines()[0].startswith("model,class,folds,fid_mean")

@@ -1,0 +1,212 @@
+"""Label stage on the phantom: teacher gate, inpaint-in-box through Ray Data, memorization check."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+from PIL import Image
+
+from t2id.config import builtin_config, load_config, validate_config
+from t2id.data.manifest import SYNTHETIC_SCHEMA, load_fold_rows, load_manifest
+from t2id.errors import ConfigError
+from t2id.label.memorization import WORK_SIDE, grey, nearest_neighbours, score_rows
+from t2id.detect.config import DetectorConfig
+from t2id.label.teacher import REJECT_NOT_FOUND, PredBox, gate_boxes, train_teacher
+from t2id.runner import run_pipeline
+from t2id.store import open_store
+
+TRACHEAL_RING, STRAP_MUSCLE, VOCAL_FOLD = 2, 3, 5
+TINY_DETECTOR = {"model": "yolov8n.yaml", "imgsz": 64, "epochs": 1, "batch": 8}
+
+
+def stages(*names: str) -> dict:
+    return {n: importlib.import_module(f"t2id.{n}.stage").STAGE for n in names}
+
+
+def make_config(tmp, **label) -> dict:
+    return {
+        "run": {"id": "lab", "seed": 0, "stages": ["data", "split", "label"]},
+        "store": {"uri": str(tmp / "store"), "cache_dir": str(tmp / "cache")},
+        "data": {"source": "phantom", "phantom": {"subjects": 4, "frames_per_subject": 8, "size": 128}},
+        "split": {"folds": 2},
+        "generate": {"images_per_class": 2, "width": 64, "height": 64, "steps": 3, "concurrency": 1,
+                     "batch_size": 2},
+        "grid": {"detector": TINY_DETECTOR},
+        "label": label,
+    }
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """A run store with the data and split stages done on a small phantom."""
+    tmp = tmp_path_factory.mktemp("label")
+    cfg = validate_config(make_config(tmp))
+    run_pipeline(cfg, stages=stages("data", "split"))
+    return tmp, open_store(str(tmp / "store")).child("lab")
+
+
+def read_pixels(store, uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(store.read_bytes(store.key_of(uri)))).convert("RGB"))
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+def test_label_config_checks_and_defaults():
+    cfg = validate_config({"label": {"method": "inpaint", "memorization": {"threshold": 0.9}}})
+    assert cfg.label.memorization_threshold == 0.9  # what the report draws on the histogram
+    with pytest.raises(ConfigError, match="label.memorization.feature"):
+        validate_config({"label": {"memorization": {"feature": "clip"}}})
+    with pytest.raises(ConfigError, match="label.teacher.sorce"):
+        validate_config({"label": {"teacher": {"sorce": "grid"}}})
+    assert load_config(builtin_config("demo")).label.method == "inpaint"  # tiny SDXL draws no anatomy
+    assert load_config(builtin_config("t2id-cas")).label.method == "teacher"
+
+
+# --- teacher gate ------------------------------------------------------------------------------------
+
+def test_gate_keeps_confident_boxes_and_requires_the_target_class():
+    preds = [PredBox(TRACHEAL_RING, 0.8, 0.5, 0.5, 0.2, 0.1), PredBox(STRAP_MUSCLE, 0.6, 0.2, 0.2, 0.1, 0.1),
+             PredBox(VOCAL_FOLD, 0.1, 0.5, 0.5, 0.1, 0.1)]
+    ok = gate_boxes(preds, TRACHEAL_RING, 0.25, True, "tracheal ring")
+    assert ok.kept and ok.confidence == pytest.approx(0.8)
+    assert [b["class_id"] for b in ok.boxes] == [TRACHEAL_RING, STRAP_MUSCLE]  # 0.1 < min_confidence dropped
+    missing = gate_boxes(preds, VOCAL_FOLD, 0.25, True, "vocal fold")  # only below-threshold vocal fold
+    assert not missing.kept and missing.reject_reason.startswith(REJECT_NOT_FOUND)
+    assert "'vocal fold'" in missing.reject_reason
+    assert gate_boxes(preds, VOCAL_FOLD, 0.25, False).kept  # gate off: kept with the other boxes
+
+
+def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phantom_run):
+    """A real teacher (trained on fold 0's TRAIN images only) labels a hand-made generate manifest:
+    a flat image and an other-class image must be rejected by the class-consistency gate; an exact copy
+    of a training image must be flagged as memorized."""
+    tmp, store = phantom_run
+    train = load_fold_rows(store, 0, "train").to_pylist()
+    val_ids = set(load_fold_rows(store, 0, "val")["image_id"].to_pylist())
+    other = next(r for r in train if not any(b["class_id"] == VOCAL_FOLD for b in r["boxes"]))
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    synthetic = {"flat": flat, "other": read_pixels(store, other["uri"]), "copy": read_pixels(store, train[0]["uri"])}
+    rows = []
+    for i, (name, pixels) in enumerate(synthetic.items()):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        key = f"generate/fold=0/images/vocal-fold/{name}.png"
+        sha = store.write_bytes(key, buf.getvalue())
+        row = dict.fromkeys(SYNTHETIC_SCHEMA.names)
+        row.update(image_id=sha[:16], uri=store.uri(key), width=pixels.shape[1], height=pixels.shape[0],
+                   group="synthetic-fold0-vocal-fold", source="synthetic", boxes=[], sha256=sha, fold=0,
+                   class_id=VOCAL_FOLD, prompt="ultrasound of the vocal fold", seed=i, kept=True)
+        rows.append(row)
+    store.write_table("generate/fold=0/manifest.parquet", pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA))
+
+    cfg = validate_config({**make_config(tmp, method="teacher", folds=[0], min_confidence=0.25)})
+    run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+
+    labels = store.read_table("label/fold=0/labels.parquet")
+    for column in (*SYNTHETIC_SCHEMA.names, "confidence", "nn_similarity", "memorized", "nn_image_id"):
+        assert column in labels.column_names
+    by_name = {r["uri"].rsplit("/", 1)[-1][:-4]: r for r in labels.to_pylist()}
+    for name in ("flat", "other"):
+        assert by_name[name]["kept"] is False
+        assert by_name[name]["reject_reason"].startswith(REJECT_NOT_FOUND)
+        assert by_name[name]["label_source"] == "teacher"
+    copy = by_name["copy"]
+    assert copy["memorized"] is True and copy["nn_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert copy["nn_image_id"] == train[0]["image_id"]
+    assert by_name["flat"]["memorized"] is False
+
+    # The teacher never saw fold 0's validation images: its data yaml validates on the TRAIN split.
+    teacher_yaml = next((tmp / "cache" / "label-teacher").glob("fold0-*/teacher-data.yaml"))
+    spec = yaml.safe_load(teacher_yaml.read_text())
+    assert spec["val"] == spec["train"] == "images/train"
+    train_files = {p.stem for p in (teacher_yaml.parent.parent.parent / "datasets").glob("fold0-*/images/train/*")}
+    assert train_files and not train_files & val_ids
+    assert store.exists("label/fold=0/teacher/best.pt") and store.exists("label/memorization_hist.png")
+
+    # A rerun reuses the trained teacher (same data, settings, seed) instead of training again.
+    sentinel = teacher_yaml.parent / "sentinel"
+    sentinel.write_text("a retrain would wipe this folder")
+    weights_sha = store.sha256("label/fold=0/teacher/best.pt")
+    detector = DetectorConfig(**TINY_DETECTOR)
+    assert train_teacher(store, 0, detector, tmp / "cache", seed=0) == "label/fold=0/teacher/best.pt"
+    assert sentinel.exists() and store.sha256("label/fold=0/teacher/best.pt") == weights_sha
+
+
+# --- memorization --------------------------------------------------------------------------------------
+
+def test_exact_copy_is_flagged_other_subject_frame_is_not(store, phantom_run):
+    _, run = phantom_run
+    manifest = load_manifest(run).to_pylist()
+    subject_a = [r for r in manifest if r["group"] == manifest[0]["group"]]
+    subject_b = next(r for r in manifest if r["group"] != manifest[0]["group"])
+    training = []
+    for r in subject_a:  # the generator's training images, in the parametrized store (local and S3)
+        key = f"data/images/{r['image_id']}.png"
+        store.write_bytes(key, run.read_bytes(run.key_of(r["uri"])))
+        training.append({"image_id": r["image_id"], "uri": store.uri(key)})
+    store.write_bytes("syn/copy.png", run.read_bytes(run.key_of(subject_a[2]["uri"])))
+    store.write_bytes("syn/other.png", run.read_bytes(run.key_of(subject_b["uri"])))
+    rows = [{"uri": store.uri("syn/copy.png"), "kept": True, "reject_reason": None},
+            {"uri": store.uri("syn/other.png"), "kept": True, "reject_reason": None}]
+    for feature in ("pixels", "ssim"):
+        copy, other = score_rows(store, rows, training, feature, 64, 0.95, reject=True)
+        assert copy["memorized"] and copy["nn_image_id"] == subject_a[2]["image_id"]
+        assert copy["kept"] is False and copy["reject_reason"].startswith("memorized")
+        assert not other["memorized"] and other["kept"] and other["nn_similarity"] < 0.95
+
+
+def test_region_similarity_compares_only_the_rectangle():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 255, (WORK_SIDE, WORK_SIDE)).astype(np.float32)
+    changed = base.copy()
+    changed[64:128, 64:128] = rng.uniform(0, 255, (64, 64))  # new content inside the rectangle only
+    rect = (0.25, 0.25, 0.5, 0.5)
+    whole, _ = nearest_neighbours([changed], [base], "pixels", 64)
+    inside, _ = nearest_neighbours([changed], [base], "pixels", 64, rects=[rect])
+    assert whole[0] > 0.8 and inside[0] < 0.3
+    flat, _ = nearest_neighbours([grey(np.full((32, 32), 7, np.uint8), WORK_SIDE)], [base], "pixels", 64)
+    assert flat[0] == 0.0
+
+
+# --- inpaint-in-box ---------------------------------------------------------------------------------
+
+def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(phantom_run, ray_local):
+    from t2id.data.materialize import materialize_fold
+    from t2id.label.inpaint import mask_array, source_pixels
+
+    tmp, store = phantom_run
+    cfg = validate_config(make_config(tmp, method="inpaint", folds=[1],
+                                      inpaint={"box_margin": 0.1, "images_per_class": 1}))
+    run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    labels = store.read_table("label/fold=1/labels.parquet").to_pylist()
+    assert len(labels) == 2  # 2 target classes x label.inpaint.images_per_class 1
+    train = {r["image_id"]: r for r in load_fold_rows(store, 1, "train").to_pylist()}
+    for row in labels:
+        assert row["label_source"] == "inpaint" and row["source"] == "synthetic"
+        source = train[row["source_image_id"]]  # a real TRAIN image of the fold holding the target class
+        assert row["boxes"] == source["boxes"]  # inherited exactly
+        assert any(b["class_id"] == row["class_id"] for b in row["boxes"])
+        image = read_pixels(store, row["uri"]).astype(int)
+        src = source_pixels(store, store.key_of(source["uri"]), 64, 64).astype(int)
+        mask = mask_array([tuple(r) for r in json.loads(row["mask_rects"])], 64, 64) > 0
+        assert mask.any() and not mask.all()
+        assert np.abs(image - src)[~mask].max() == 0  # outside the mask: the real image
+        assert np.abs(image - src)[mask].mean() > 5  # inside: new content
+        assert row["nn_similarity"] is not None
+    # The grid's *_sdxl strategies: kept rows with boxes go into the fold's train split.
+    usable = pa.Table.from_pylist([r for r in labels if r["kept"] and r["boxes"]])
+    assert usable.num_rows > 0
+    data = materialize_fold(store, 1, tmp / "cache", synthetic=usable)
+    assert set(data.synthetic_ids) == set(usable["image_id"].to_pylist())
+
+    # Exactly once: a forced rerun reuses every image (same bytes, no new objects).
+    before = {k: store.sha256(k) for k in store.list("label/fold=1/inpaint/images")}
+    outcome = run_pipeline(cfg, only="label", force="label", stages=stages("data", "split", "label"))
+    assert outcome[0].summary["folds"]["1"]["reused"] == 2 and outcome[0].summary["folds"]["1"]["made"] == 0
+    assert {k: store.sha256(k) for k in store.list("label/fold=1/inpaint/images")} == before

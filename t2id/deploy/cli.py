@@ -2,8 +2,102 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from t2id.errors import UserError
+
+k8s_app = typer.Typer(help="KubeRay manifests: render them from a config, validate them offline.",
+                      no_args_is_help=True)
+
+
+def submit(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    address: Annotated[str | None, typer.Option(help="Ray dashboard URL, e.g. http://127.0.0.1:8265 "
+                                                "(default: cluster.address, then RAY_ADDRESS).")] = None,
+    k8s: Annotated[bool, typer.Option("--k8s", help="Create a KubeRay RayJob through the Kubernetes API.")] = False,
+    namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (default: cluster.namespace).")] = None,
+    context: Annotated[str | None, typer.Option(help="kubeconfig context (default: the current one).")] = None,
+    only: Annotated[str | None, typer.Option(help="Run just this stage.")] = None,
+    force: Annotated[str | None, typer.Option(help="Redo this stage and every stage after it (Ray path).")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return after submitting.")] = False,
+    upload_code: Annotated[bool, typer.Option("--upload-code", help="Ship this checkout's t2id package with the "
+                                              "job (Ray path), for a cluster whose image has another version.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Stop following a RayJob after this many seconds.")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between RayJob status reads.", hidden=True)] = 5.0,
+) -> None:
+    """Run a config on a cluster: a Ray job (--address) or a KubeRay RayJob (--k8s); follows it to the end."""
+    from t2id.config import load_config
+    from t2id.deploy import submit as sub
+
+    overrides = {"cluster.namespace": namespace} if namespace else None
+    cfg = load_config(config, overrides=overrides)
+    if k8s:
+        if force:
+            raise UserError("--force works with --address only; a RayJob runs the stages whose markers are "
+                            "missing or stale (delete a stage's _SUCCESS.json to redo it)")
+        sub.submit_k8s(cfg, stage=only, wait=not no_wait, context=context, echo=typer.echo,
+                       poll_seconds=poll, timeout_seconds=timeout)
+        return
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("say where to submit: --address http://HEAD:8265 (Ray dashboard) or --k8s")
+    outcome = sub.submit_ray(cfg, address, only=only, force=force, wait=not no_wait, upload_code=upload_code,
+                             echo=typer.echo)
+    typer.echo(f"job {outcome.job_id}: {outcome.status}")
+
+
+@k8s_app.command("render")
+def render(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    stage: Annotated[list[str] | None, typer.Option("--stage", help="A RayJob for this stage instead of the "
+                                                    "pipeline (repeatable).")] = None,
+    all_stages: Annotated[bool, typer.Option("--all-stages", help="One RayJob per stage in run.stages.")] = False,
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one YAML file per object here "
+                                                 "instead of printing.")] = None,
+) -> None:
+    """Print the ConfigMap and RayJob(s) for a config (YAML, ready for kubectl apply -f -)."""
+    from t2id.config import load_config
+    from t2id.deploy.manifests import render as render_objects
+    from t2id.deploy.manifests import to_yaml, write_files
+
+    cfg = load_config(config)
+    stages = list(cfg.run.stages) if all_stages else (stage or None)
+    objects = render_objects(cfg, stages)
+    if out_dir is None:
+        typer.echo(to_yaml(objects), nl=False)
+        return
+    for path in write_files(objects, out_dir):
+        typer.echo(f"wrote {path}")
+
+
+@k8s_app.command("validate")
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="YAML files, folders of YAML, or kustomize folders.")],
+    crds: Annotated[Path | None, typer.Option(help="Folder of CRD YAML (e.g. from your cluster: kubectl get "
+                                              "crd rayjobs.ray.io -o yaml). Default: the vendored KubeRay CRDs.")] = None,
+) -> None:
+    """Validate RayJob/RayCluster objects against CRD schemas and KubeRay's rules, offline."""
+    from t2id.deploy.validate import default_crds_dir, load_crd_schemas, load_manifests, validate_objects
+
+    crds_dir = crds or default_crds_dir()
+    if crds_dir is None:
+        raise UserError("no CRD folder: pass --crds DIR (or set T2ID_KUBERAY_CRDS)")
+    report = validate_objects(load_manifests(paths), load_crd_schemas(crds_dir))
+    for line in report.errors:
+        typer.echo(f"error: {line}", err=True)
+    typer.echo(f"{len(report.checked)} custom resource(s) checked against {crds_dir}, "
+               f"{len(report.errors)} error(s); not checked here (core kinds): {len(report.skipped)}")
+    if not report.checked:
+        raise UserError("no RayJob/RayCluster found in the given paths")
+    if report.errors:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add the deployment commands to the root app."""
+    app.command("submit")(submit)
+    app.add_typer(k8s_app, name="k8s")

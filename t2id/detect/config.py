@@ -23,6 +23,18 @@ class DetectorConfig(Section):
     batch: int = Field(64, gt=0, description="Detector batch size (paper: 64).")
     lr: float = Field(1e-3, gt=0, description="AdamW initial learning rate (paper: 1e-3).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
+    warmup_epochs: float = Field(
+        3.0, ge=0, description="Linear LR warmup epochs (ultralytics default 3). Tiny runs of a few epochs need 0.",
+    )
+    nominal_batch: int = Field(
+        64, gt=0,
+        description="ultralytics `nbs`: gradients accumulate until this many images per optimizer step "
+                    "(64 = the paper's batch, so no accumulation there). Set it to `batch` for tiny runs.",
+    )
+    validate_every_epoch: bool = Field(
+        True, description="Validate after every epoch (best.pt = best epoch). Off: validate the last epoch only, "
+                          "which saves most of a tiny run's time.",
+    )
     dropout: float = Field(
         0.1, ge=0, lt=1,
         description="Dropout (paper: 0.1). Passed to ultralytics, which applies it in classification heads only "

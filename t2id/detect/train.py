@@ -124,6 +124,8 @@ def train_overrides(data_yaml: Path, strategy: StrategySpec, detector: DetectorC
         "model": model, "data": str(data_yaml), "task": "detect", "mode": "train",
         "imgsz": detector.imgsz, "epochs": detector.epochs, "batch": detector.batch,
         "optimizer": "AdamW", "lr0": detector.lr, "weight_decay": detector.weight_decay,
+        "warmup_epochs": detector.warmup_epochs, "nbs": detector.nominal_batch,
+        "val": detector.validate_every_epoch,
         "dropout": detector.dropout,  # note: ultralytics applies dropout in classification heads only
         "pretrained": False, "amp": amp, "plots": False, "workers": workers, "seed": seed,
         "deterministic": True, "device": device, "project": str(out_dir), "name": "train", "exist_ok": True,

@@ -90,11 +90,16 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+_SECRET_PATH = re.compile(r"(^|\.)(env|.*(secret|token|password|credential|access_key).*)(\.|$)", re.IGNORECASE)
+
+
 def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
     path = ".".join(str(p) for p in err["loc"]) or "<top level>"
     kind = err["type"]
     ctx = err.get("ctx", {})
     got = err.get("input")
+    if _SECRET_PATH.search(path):
+        got = "<hidden>"  # never echo what may be a credential back into logs
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, err["loc"][:-1])
         hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from t2id.configbase import Section
 
 
 class ReportConfig(Section):
     title: str = Field("T2ID-CAS report", description="Report title.")
+    metric: Literal["map50_95", "map50", "precision", "recall"] = Field(
+        "map50_95", description="Metric of the Table II layout (paper: mAP50-95)."
+    )
+    baseline: str = Field("baseline", description="Strategy every other strategy is compared with (paired by fold).")
     bootstrap_samples: int = Field(2000, gt=0, description="Paired bootstrap resamples for CIs vs baseline.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the bootstrap intervals.")
+    seed: int | None = Field(None, ge=0, description="Bootstrap seed (default: run.seed).")
+    rare_classes: list[str] | None = Field(
+        None, description="Classes whose PR curves are plotted (paper Fig. 4). Default: lora.target_classes "
+        "present in the data, else the two classes with the fewest instances.",
+    )
+    samples_per_class: int = Field(
+        4, ge=1, le=16, description="Real and synthetic images per rare class in the Fig. 3 sheet."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReportConfig:
+        if self.rare_classes is not None and not self.rare_classes:
+            raise ValueError("report.rare_classes is empty; list class names or omit it")
+        return self

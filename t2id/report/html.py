@@ -1,0 +1,121 @@
+"""Render the report's blocks to Markdown (figures linked beside it) and to one self-contained HTML file.
+
+The HTML page embeds every figure as a base64 data URI and carries its own CSS: no external src or
+href, so it can be mailed, attached to a ticket or opened from an S3 console as a single object.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Para:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    caption: str
+    frame: pd.DataFrame
+    csv_name: str | None = None  # the CSV of this table beside the report (tables/<name>)
+
+
+@dataclass(frozen=True)
+class Figure:
+    caption: str
+    name: str  # file name under figures/
+    png: bytes
+
+
+Block = Heading | Para | Table | Figure
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
+thead th{background:#f3f3f3}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
+figure{margin:1em 0 2em}figcaption{font-size:.9em;color:#555}
+img{max-width:100%;border:1px solid #eee}
+code{background:#f5f5f5;padding:0 .2em}
+"""
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "—" if pd.isna(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _frame_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    index_name = frame.index.name
+    if index_name is not None:
+        header = [str(index_name), *[str(c) for c in frame.columns]]
+        rows = [[_cell(i), *[_cell(v) for v in row]] for i, row in zip(frame.index, frame.itertuples(index=False))]
+    else:
+        header = [str(c) for c in frame.columns]
+        rows = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    return header, rows
+
+
+def to_markdown(title: str, blocks: list[Block]) -> str:
+    out = [f"# {title}", ""]
+    for block in blocks:
+        if isinstance(block, Heading):
+            out += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Para):
+            out += [block.text, ""]
+        elif isinstance(block, Table):
+            header, rows = _frame_rows(block.frame)
+            out += [f"**{block.caption}**", "", "| " + " | ".join(header) + " |",
+                    "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+            if block.csv_name:
+                out += ["", f"CSV: `tables/{block.csv_name}`"]
+            out.append("")
+        elif isinstance(block, Figure):
+            out += [f"![{block.caption}](figures/{block.name})", "", f"*{block.caption}*", ""]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escape, then turn `code` spans into <code> (the only markup the paragraphs use)."""
+    parts = html.escape(text, quote=False).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def to_html(title: str, blocks: list[Block]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Para):
+            out.append(f"<p>{_inline(block.text)}</p>")
+        elif isinstance(block, Table):
+            header, rows = _frame_rows(block.frame)
+            out.append(f"<table><caption>{html.escape(block.caption)}</caption><thead><tr>"
+                       + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</tbody></table>")
+        elif isinstance(block, Figure):
+            data = base64.b64encode(block.png).decode("ascii")
+            out.append(f'<figure id="{html.escape(block.name)}"><img alt="{html.escape(block.caption)}" '
+                       f'src="data:image/png;base64,{data}"><figcaption>{html.escape(block.caption)}'
+                       "</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)

@@ -1,10 +1,15 @@
-"""Config section of the `lora` stage (SDXL LoRA fine-tuning, paper Sec. III-B)."""
+"""Config section of the `lora` stage (SDXL LoRA fine-tuning, paper Sec. III-B).
+
+Paper preset: SDXL 1.0, LoRA on the UNet, lr 1e-4, batch 16, 100 epochs, fp16, random h-flip,
+trained on the rare-class images (tracheal ring, vocal fold). t2id trains one adapter per fold
+on that fold's TRAIN images only, so a generator never sees the images it is evaluated on.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from t2id.configbase import Section
 
@@ -33,12 +38,87 @@ class LoraConfig(Section):
     rank: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    train_text_encoder: bool = Field(False, description="Also put LoRA on both text encoders.")
-    resolution: int = Field(512, ge=32, description="Training resolution (square).")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet attention projections that get LoRA (diffusers' SDXL LoRA recipe).",
+    )
+    train_text_encoder: bool = Field(
+        False,
+        description="Also put LoRA on both text encoders. Not implemented yet (the paper trains the UNet "
+        "only); must stay false.",
+    )
+    resolution: int = Field(512, ge=32, description="Training resolution (square; resize shorter side + centre crop).")
     epochs: int = Field(100, gt=0, description="Epochs (paper: 100).")
-    batch_size: int = Field(16, gt=0, description="Global batch size (paper: 16).")
+    batch_size: int = Field(
+        16, gt=0, description="Global batch per optimizer step, over all workers and accumulation steps (paper: 16)."
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="Gradient accumulation steps: per-worker micro-batch = batch_size / (workers x this)."
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (paper: 1e-4).")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="Compute dtype (paper: fp16).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (diffusers' default 1e-2).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the LoRA gradient norm (null = no clipping).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule after warmup (diffusers' scripts default: constant)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup, in optimizer steps.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0,
+        description="Min-SNR loss weighting gamma (Hang et al. 2023, arXiv 2303.09556 Sec. 3.4; 5.0 is their "
+        "recommendation); null = plain MSE, as the paper's recipe.",
+    )
+    noise_offset: float = Field(
+        0.0, ge=0, description="Noise offset (adds offset x N(0,1) per image and channel to the noise); 0 = off."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "fp16",
+        description="Compute dtype on GPU (paper: fp16); LoRA master weights stay fp32. On CPU, fp16 runs "
+        "in fp32 (CPU has no fast fp16) and bf16 uses bf16 autocast.",
+    )
+    vae_fp32: bool = Field(
+        True, description="Keep the VAE in fp32 when encoding (SDXL 1.0's VAE overflows in fp16)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
     hflip: bool = Field(True, description="Random horizontal flip (paper: yes).")
+    seed: int | None = Field(
+        None, ge=0,
+        description="Training seed (data order, flips, noise, timesteps); default derives from run.seed and "
+        "the fold, so folds differ and reruns repeat.",
+    )
+    checkpoint_every_steps: int = Field(
+        200, gt=0, description="Write a resumable checkpoint (LoRA, optimizer, scheduler, step) every K steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints Ray Train keeps in the store.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts after a worker dies; training resumes from the last checkpoint."
+    )
+    validation_images: int = Field(
+        2, ge=0, description="Validation images per target class written after each epoch (0 = none)."
+    )
+    validation_every_epochs: int = Field(
+        1, ge=1, description="Write validation images every N epochs (and after the last one)."
+    )
+    validation_steps: int = Field(20, gt=0, description="Denoising steps of validation images.")
+    folds: list[int] | None = Field(None, description="Folds to train (default: every fold of split/folds.parquet).")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Run Ray Train workers on GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> LoraConfig:
+        shards = self.num_workers * self.grad_accum
+        if self.batch_size % shards:
+            raise ValueError(
+                f"lora.batch_size ({self.batch_size}) must be a multiple of lora.num_workers x lora.grad_accum "
+                f"({self.num_workers} x {self.grad_accum} = {shards}); change one of them")
+        names = [c.name for c in self.target_classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora.target_classes names must be unique, got {names}")
+        if self.train_text_encoder:
+            raise ValueError("lora.train_text_encoder: text-encoder LoRA is not implemented in this version "
+                             "(the paper adapts the UNet only); set it to false")
+        if not self.target_classes:
+            raise ValueError("lora.target_classes is empty; list at least one class with its prompts")
+        return self

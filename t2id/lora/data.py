@@ -1,0 +1,222 @@
+"""Training data of one fold's adapter: which images, with which prompt, and their frozen encodings.
+
+1. `select_examples`: the fold's TRAIN rows (`t2id.data.manifest.load_fold_rows`, i.e. all other
+   folds) that hold at least one target class. An image holding several target classes is used
+   once, with the prompt of the target class covering the largest box area in it; a class with
+   several prompts cycles through them over its images (deterministic).
+2. `preprocess_image`: resize the shorter side to the resolution (bilinear) and centre-crop, like
+   diffusers' train_text_to_image_lora_sdxl.py with --center_crop; the crop's top-left corner
+   and the original size feed SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2).
+3. `build_cache`: the VAE and both text encoders are frozen, so their outputs are computed once
+   and reused every epoch instead of re-encoding every step:
+     - latents: the VAE posterior of every image is stored as (mean, std) x scaling factor, so a
+       training step still draws a fresh posterior sample (mean + std * eps) as the reference
+       loop's `latent_dist.sample()` does, at the cost of one randn instead of a VAE forward.
+     - flips: with hflip on, both orientations are encoded up front (a flipped image's latent
+       is not the flipped latent of the image: the VAE is not flip-equivariant). A step picks
+       orientation 0 or 1 per image with probability 1/2. Since the crop is centred, the crop
+       corner, hence add_time_ids, is the same for both orientations.
+     - text: one (77 x 2048-ish) hidden-state tensor and one pooled embedding per distinct prompt.
+   `load_or_build_cache` keys a local file by everything that changes the encodings (model
+   folder, image bytes, prompts, resolution, flip, VAE dtype), so a restarted worker reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from t2id.errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image: where to read it and which prompt goes with it."""
+
+    image_id: str
+    key: str  # run-store key of the image file
+    sha256: str
+    class_name: str
+    prompt: str
+
+
+def select_examples(rows: pa.Table, class_names: list[str], targets: list[tuple[str, list[str]]],
+                    run_store) -> list[Example]:
+    """Examples of the rows holding a target class (see module doc for the prompt rule).
+
+    `targets` = [(class name, prompts), ...] in config order; `class_names` = the run's classes.
+    """
+    target_ids: dict[int, tuple[str, list[str]]] = {}
+    for name, prompts in targets:
+        if name not in class_names:
+            raise UserError(f"lora.target_classes: {name!r} is not a class of this dataset "
+                            f"(data/classes.json has {class_names}); fix the name")
+        target_ids[class_names.index(name)] = (name, prompts)
+    seen_per_class: dict[str, int] = {name: 0 for name, _ in targets}
+    examples = []
+    for row in rows.to_pylist():
+        area: dict[int, float] = {}
+        for box in row["boxes"] or []:
+            if box["class_id"] in target_ids:
+                area[box["class_id"]] = area.get(box["class_id"], 0.0) + box["w"] * box["h"]
+        if not area:
+            continue
+        best = max(area, key=lambda cid: (area[cid], -cid))
+        name, prompts = target_ids[best]
+        prompt = prompts[seen_per_class[name] % len(prompts)]
+        seen_per_class[name] += 1
+        examples.append(Example(row["image_id"], run_store.key_of(row["uri"]), row["sha256"], name, prompt))
+    return examples
+
+
+def preprocess_image(data: bytes, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """Image bytes -> (float32 HxWx3 in [-1, 1], original (h, w), crop top-left (top, left))."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    original = (image.height, image.width)
+    scale = resolution / min(image.height, image.width)
+    new_h, new_w = max(resolution, round(image.height * scale)), max(resolution, round(image.width * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return pixels, original, (top, left)
+
+
+def micro_conditioning(original_hw: tuple[int, int], crop_tl: tuple[int, int], target_hw: tuple[int, int]) -> list[int]:
+    """SDXL's add_time_ids (Podell et al. 2023, Sec. 2.2): original size, crop top-left, target size."""
+    return [*original_hw, *crop_tl, *target_hw]
+
+
+@torch.no_grad()
+def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt encoding: penultimate hidden states of both encoders, concatenated, and the pooled
+    projection of the second (as StableDiffusionXLPipeline.encode_prompt does without CFG).
+
+    Returns (prompt_embeds [P, 77, D1+D2], pooled [P, proj]), float32 on CPU.
+    """
+    hidden_states = []
+    pooled = None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden_states.append(out.hidden_states[-2])
+        pooled = out[0]  # last encoder wins: CLIPTextModelWithProjection's text_embeds
+    return torch.cat(hidden_states, dim=-1).float().cpu(), pooled.float().cpu()
+
+
+@dataclass
+class LatentCache:
+    """Frozen encodings of a fold's examples (see module doc). F = 2 orientations with hflip, else 1."""
+
+    image_ids: list[str]
+    latent_mean: torch.Tensor  # [N, F, C, h, w], already x VAE scaling factor
+    latent_std: torch.Tensor  # [N, F, C, h, w]
+    time_ids: torch.Tensor  # [N, 6] SDXL micro-conditioning
+    prompt_index: torch.Tensor  # [N] long -> rows of prompt_embeds
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # [P, 77, D]
+    pooled_embeds: torch.Tensor  # [P, proj]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def orientations(self) -> int:
+        return self.latent_mean.shape[1]
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@torch.no_grad()
+def encode_images(vae, pixels_nhwc: np.ndarray, batch: int = 8, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) x scaling factor of a stack of [-1, 1] images, float32 on CPU."""
+    means, stds = [], []
+    scale = vae.config.scaling_factor
+    for start in range(0, len(pixels_nhwc), batch):
+        x = torch.from_numpy(pixels_nhwc[start:start + batch]).permute(0, 3, 1, 2).to(device, dtype)
+        dist = vae.encode(x).latent_dist
+        means.append((dist.mean * scale).float().cpu())
+        stds.append((dist.std * scale).float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hflip: bool,
+                vae_fp32: bool = True, device: torch.device | str = "cpu") -> LatentCache:
+    """Encode every example once (both orientations with hflip) and every distinct prompt once.
+
+    `read_bytes(key) -> bytes` reads an image (a run store's read_bytes).
+    """
+    if not examples:
+        raise UserError("no training images hold a target class in this fold; check lora.target_classes "
+                        "against data/classes.json and the split")
+    pixels, time_ids = [], []
+    for ex in examples:
+        image, original, crop = preprocess_image(read_bytes(ex.key), resolution)
+        pixels.append(image)
+        time_ids.append(micro_conditioning(original, crop, (resolution, resolution)))
+    stack = np.stack(pixels)
+    if hflip:
+        # [N, 2, H, W, 3]: orientation 1 is the mirrored image (flip the width axis).
+        stack = np.stack([stack, stack[:, :, ::-1, :]], axis=1)
+    else:
+        stack = stack[:, None]
+    n, f = stack.shape[:2]
+    vae_dtype = torch.float32 if vae_fp32 else pipe.vae.dtype
+    vae = pipe.vae.to(device, vae_dtype)
+    mean, std = encode_images(vae, np.ascontiguousarray(stack.reshape(n * f, *stack.shape[2:])), device=device,
+                              dtype=vae_dtype)
+    prompts = sorted({ex.prompt for ex in examples})
+    embeds, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                    prompts, device=device)
+    return LatentCache(
+        image_ids=[ex.image_id for ex in examples],
+        latent_mean=mean.reshape(n, f, *mean.shape[1:]),
+        latent_std=std.reshape(n, f, *std.shape[1:]),
+        time_ids=torch.tensor(time_ids, dtype=torch.float32),
+        prompt_index=torch.tensor([prompts.index(ex.prompt) for ex in examples], dtype=torch.long),
+        prompts=prompts,
+        prompt_embeds=embeds,
+        pooled_embeds=pooled,
+        meta={"resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32},
+    )
+
+
+def cache_key(model_dir: str, examples: list[Example], resolution: int, hflip: bool, vae_fp32: bool) -> str:
+    payload = {"model": str(model_dir), "examples": [(e.image_id, e.sha256, e.prompt) for e in examples],
+               "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_or_build_cache(cache_dir: Path, model_dir: str, pipe, examples: list[Example], read_bytes,
+                        resolution: int, hflip: bool, vae_fp32: bool = True,
+                        device: torch.device | str = "cpu") -> LatentCache:
+    """`build_cache`, memoized in `<cache_dir>/lora-latents/<key>.pt` (written atomically)."""
+    path = Path(cache_dir) / "lora-latents" / f"{cache_key(model_dir, examples, resolution, hflip, vae_fp32)}.pt"
+    if path.exists():
+        try:
+            return LatentCache(**torch.load(path, weights_only=True))
+        except Exception:  # a corrupt cache file is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    cache = build_cache(pipe, examples, read_bytes, resolution, hflip, vae_fp32, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    torch.save(cache.state(), tmp)
+    os.replace(tmp, path)
+    return cache

@@ -1,0 +1,232 @@
+"""Pure LoRA training core on the tiny SDXL (no Ray): loss maths, batching, caching, learning,
+adapter save/load, checkpoint resume, per-fold data selection."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
+from t2id.lora.config import LoraConfig
+from t2id.lora.data import Example, build_cache, encode_images, load_or_build_cache, preprocess_image
+from t2id.lora.models import load_sdxl_pipeline
+from t2id.lora.ray_train import restore_checkpoint, save_checkpoint
+from t2id.lora.train import (
+    ADAPTER_FILE,
+    diffusion_loss,
+    fit,
+    gather_batch,
+    lora_state_dict,
+    make_schedule,
+    min_snr_weights,
+    save_adapter,
+    setup_training,
+    step_batches,
+    step_generator,
+)
+from t2id.store import open_store
+
+
+def make_examples(store, n: int = 8, size: int = 72, seed: int = 0) -> list[Example]:
+    """n grey images with a bright bar whose place depends on the class, written to `store`."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(n):
+        pixels = (rng.random((size, size + 16)) * 60).astype(np.uint8)
+        row = 10 if i % 2 else size // 2
+        pixels[row:row + 14, 8 + 4 * i:40 + 4 * i] = 230
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        key = f"data/images/img{i:02d}.png"
+        digest = store.write_bytes(key, buffer.getvalue())
+        name = "tracheal ring" if i % 2 else "vocal fold"
+        examples.append(Example(f"img{i:02d}", key, digest, name, f"ultrasound scan of the {name}"))
+    return examples
+
+
+CFG = dict(rank=4, alpha=4, resolution=64, batch_size=4, lr=1e-2, mixed_precision="no", num_workers=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model is latency-bound; more threads than free cores only adds contention.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory, cache_dir):
+    store = open_store(str(tmp_path_factory.mktemp("store")))
+    examples = make_examples(store)
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+    cache = build_cache(pipe, examples, store.read_bytes, 64, hflip=True)
+    return store, examples, cache
+
+
+def eval_loss(state, cache, draws: int = 4) -> float:
+    """Loss over all examples with fixed noise/timesteps (same draws before and after training)."""
+    state.unet.eval()
+    total = 0.0
+    with torch.no_grad():
+        for d in range(draws):
+            gen = step_generator(123, 0, d)
+            batch = gather_batch(cache, list(range(len(cache))), gen, False, "cpu")
+            total += diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], batch["prompt_embeds"],
+                                    batch["pooled_embeds"], batch["time_ids"], gen).item()
+    state.unet.train()
+    return total / draws
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_set, cache_dir):
+    _, _, cache = tiny_set
+    cfg = LoraConfig(**CFG, epochs=20)
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+    state = setup_training(pipe, cfg, len(cache), seed=0)
+    before = eval_loss(state, cache)
+    fit(state, cache, cfg, seed=0)
+    return pipe, state, cfg, before, eval_loss(state, cache)
+
+
+def test_min_snr_weights_follow_hang_et_al():
+    alphas_cumprod = torch.tensor([0.999, 0.5, 0.01])  # SNR = 999, 1, ~0.0101
+    t = torch.tensor([0, 1, 2])
+    w = min_snr_weights(alphas_cumprod, t, gamma=5.0)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    torch.testing.assert_close(w, torch.stack([5.0 / snr[0], torch.tensor(1.0), torch.tensor(1.0)]))
+    wv = min_snr_weights(alphas_cumprod, t, gamma=5.0, prediction_type="v_prediction")
+    torch.testing.assert_close(wv, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_preprocess_and_micro_conditioning():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((72, 88), np.uint8)).save(buffer, format="PNG")
+    pixels, original, crop = preprocess_image(buffer.getvalue(), 64)
+    assert pixels.shape == (64, 64, 3) and pixels.min() >= -1 and pixels.max() <= 1
+    assert original == (72, 88)
+    assert crop == (0, (round(88 * 64 / 72) - 64) // 2)  # centre crop of the resized 64 x 78 image
+
+
+def test_step_batches_disjoint_and_cover_epoch():
+    cfg = LoraConfig(**{**CFG, "batch_size": 4, "num_workers": 2, "grad_accum": 2}, epochs=2)
+    schedule = make_schedule(10, cfg, world=2)
+    assert (schedule.micro_batch, schedule.steps_per_epoch) == (1, 2)
+    for epoch in range(2):
+        per_rank = [[i for s in range(2) for mb in step_batches(schedule, epoch * 2 + s, 3, r) for i in mb]
+                    for r in range(2)]
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert len(set(per_rank[0] + per_rank[1])) == 8  # drop-last: 8 of 10 used, none twice
+    assert step_batches(schedule, 0, 3, 0) != step_batches(schedule, 2, 3, 0)  # new order each epoch
+
+
+def test_cache_holds_both_orientations(tiny_set, cache_dir):
+    store, examples, cache = tiny_set
+    assert cache.latent_mean.shape == (8, 2, 4, 8, 8)
+    assert len(cache.prompts) == 2 and cache.prompt_embeds.shape == (2, 77, 64)
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+    pixels, _, _ = preprocess_image(store.read_bytes(examples[0].key), 64)
+    flipped_mean, _ = encode_images(pipe.vae, np.ascontiguousarray(pixels[None, :, ::-1]))
+    torch.testing.assert_close(cache.latent_mean[0, 1], flipped_mean[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(cache.latent_mean[0, 0], cache.latent_mean[0, 1])
+    # The disk cache returns the same tensors without re-encoding.
+    first = load_or_build_cache(cache_dir, "m", pipe, examples, store.read_bytes, 64, True)
+    again = load_or_build_cache(cache_dir, "m", None, examples, store.read_bytes, 64, True)  # no pipe needed
+    torch.testing.assert_close(first.latent_mean, again.latent_mean)
+
+
+def test_loss_goes_down(trained):
+    _, state, _, before, after = trained
+    assert len(state.log) == 40
+    assert after < 0.95 * before, (before, after)  # deterministic draws: 1.079 -> 1.006 here
+
+
+def test_saved_adapter_loads_into_fresh_pipeline(trained, cache_dir, tmp_path):
+    pipe, state, _, _, _ = trained
+    save_adapter(state.unet, tmp_path)
+    assert (tmp_path / ADAPTER_FILE).exists()
+
+    def image(p):
+        return p("ultrasound scan of the vocal fold", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+
+    fresh = load_sdxl_pipeline("tiny", cache_dir)
+    base = image(fresh)
+    fresh.load_lora_weights(str(tmp_path))
+    adapted = image(fresh)
+    assert np.abs(adapted - base).max() > 1e-3  # the adapter changes the output
+    state.unet.eval()
+    np.testing.assert_allclose(adapted, image(pipe), atol=1e-4)  # and equals the trained model's output
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tiny_set, cache_dir, tmp_path):
+    _, _, cache = tiny_set
+    cfg = LoraConfig(**CFG, epochs=3, dropout=0.1, min_snr_gamma=5.0, noise_offset=0.05, warmup_steps=2,
+                     lr_scheduler="cosine")
+
+    def fresh_state():
+        return setup_training(load_sdxl_pipeline("tiny", cache_dir), cfg, len(cache), seed=1)
+
+    full = fit(fresh_state(), cache, cfg, seed=1)
+    part = fresh_state()
+    part_cfg = cfg.model_copy(update={"epochs": 1})
+    fit(part, cache, part_cfg, seed=1)
+    save_checkpoint(part, tmp_path)
+    resumed = fresh_state()
+    restore_checkpoint(resumed, tmp_path)
+    assert resumed.step == 2
+    fit(resumed, cache, cfg, seed=1)
+    a, b = lora_state_dict(full.unet), lora_state_dict(resumed.unet)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in resumed.log] == [r["step"] for r in full.log]
+
+
+def test_config_checks_name_the_fix():
+    with pytest.raises(ValueError, match="multiple of lora.num_workers"):
+        LoraConfig(batch_size=6, num_workers=4)
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        LoraConfig(train_text_encoder=True)
+
+
+def test_fold_examples_never_hold_validation_images(tmp_path):
+    from t2id.lora.stage import fold_examples
+
+    store = open_store(str(tmp_path))
+    names = ["thyroid cartilage", "cricoid cartilage", "tracheal ring", "strap muscle", "thyroid lobe", "vocal fold"]
+    store.write_text("data/classes.json", json.dumps({"names": names}))
+    rows, folds = [], []
+    for i in range(12):
+        key = f"data/images/{i:02d}.png"
+        store.write_bytes(key, b"x")
+        cls = [2, 5, 3][i % 3]  # tracheal ring, vocal fold, strap muscle (not a target)
+        rows.append({"image_id": f"{i:02d}", "uri": store.uri(key), "width": 64, "height": 64, "group": f"s{i // 4}",
+                     "source": "real", "boxes": [{"class_id": cls, "x": .5, "y": .5, "w": .2, "h": .2}],
+                     "sha256": "0"})
+        folds.append({"image_id": f"{i:02d}", "fold": (i // 4) % 2, "group": f"s{i // 4}"})
+    store.write_table("data/manifest.parquet", pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table("split/folds.parquet", pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
+    targets = [(c.name, c.prompts) for c in LoraConfig().target_classes]
+    for fold in (0, 1):
+        examples = fold_examples(store, fold, names, targets)
+        val = {f["image_id"] for f in folds if f["fold"] == fold}
+        train = {e.image_id for e in examples}
+        assert train and not train & val
+        expected = {r["image_id"] for r in rows
+                    if r["image_id"] not in val and r["boxes"][0]["class_id"] in (2, 5)}
+        assert train == expected
+        assert {e.prompt for e in examples} == {p for _, ps in targets for p in ps}
+    with pytest.raises(Exception, match="not a class of this dataset"):
+        fold_examples(store, 0, names, [("trachea", ["x"])])

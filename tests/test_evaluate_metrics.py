@@ -11,7 +11,8 @@ from PIL import Image
 
 from t2id.errors import UserError
 from t2id.evaluate import metrics
-from t2id.evaluate.clip_score import ClipScorer, build_tiny_clip, check_clip_source, clip_bpe_vocab
+from t2id.clip_vocab import clip_vocab_and_merges
+from t2id.evaluate.clip_score import ClipScorer, build_tiny_clip, check_clip_source
 from t2id.evaluate.features import (
     IS_CLASSES,
     POOL3_DIM,
@@ -216,7 +217,7 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 def test_clip_vocab_is_the_real_clip_bpe(tiny_clip_dir):
-    vocab, merges = clip_bpe_vocab()
+    vocab, merges = clip_vocab_and_merges()
     assert len(vocab) == 49408 and len(merges) == 48894
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
     from transformers import CLIPTokenizer

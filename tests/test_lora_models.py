@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from t2id.errors import UserError
+from t2id.clip_vocab import build_clip_tokenizer
 from t2id.lora.models import (
-    build_clip_tokenizer,
     build_tiny_sdxl,
     load_sdxl_pipeline,
     resolve_model_source,

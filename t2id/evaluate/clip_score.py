@@ -13,8 +13,6 @@ The generate stage imports `ClipScorer` for its optional quality gate.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -22,55 +20,18 @@ import torch
 from PIL import Image
 
 from t2id.evaluate.metrics import clip_scores
+from t2id.clip_vocab import CLIP_CONTEXT, build_clip_tokenizer, clip_vocab_and_merges
 from t2id.evaluate.weights import resolve_weights_dir
 
 CONFIG_KEY = "evaluate.clip_weights"
 TINY_IMAGE_SIZE = 32
-CLIP_CONTEXT = 77  # CLIP's text context length; longer prompts are truncated
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2's reversible byte -> printable-character table, in byte order of the vocab."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append((b, chr(b)))
-        else:
-            chars.append((b, chr(256 + extra)))
-            extra += 1
-    # The vocab lists the printable bytes first, then the remapped ones (dict order in CLIP).
-    return [c for b, c in chars if b in printable] + [c for b, c in chars if b not in printable]
-
-
-def open_clip_bpe_file() -> Path:
-    """The BPE merges file open_clip ships (found without importing open_clip, which is slow)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary t2id uses")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-
-
-def clip_bpe_vocab() -> tuple[dict[str, int], list[str]]:
-    """The CLIP BPE vocabulary (49408 tokens) and merges, rebuilt from the file open_clip ships.
-
-    Token order is CLIP's: 256 byte symbols, the same with '</w>', one token per merge, then
-    <|startoftext|> and <|endoftext|> (ids 49406, 49407 as in openai/clip-*).
-    """
-    lines = gzip.open(open_clip_bpe_file()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # the slice CLIP itself uses (48894 merges)
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
 def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     """Save a seeded random tiny CLIP (model + processor with the real BPE vocab) to `out_dir`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    vocab, merges = clip_bpe_vocab()
+    vocab, merges = clip_vocab_and_merges()
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
@@ -90,8 +51,7 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
         model.vision_model.post_layernorm.bias.copy_(shared_bias)
         model.text_model.final_layer_norm.bias.copy_(shared_bias)
         model.text_projection.weight.copy_(model.visual_projection.weight)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges],
-                              model_max_length=CLIP_CONTEXT)
+    tokenizer = build_clip_tokenizer()
     image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
                                          crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     import os

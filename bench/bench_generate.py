@@ -1,0 +1,186 @@
+"""Benchmark: images/s of the Ray Data generation path vs a plain serial diffusers loop.
+
+Reference (measured in the same run): a serial loop over the same plan with the same tiny SDXL,
+one torch thread, one `torch.Generator` per image, PNG written to a local store. Compared:
+  - Ray path, 1 actor x 1 CPU (same resources as the reference; goal >= 0.95x)
+  - Ray path, 2 actors x 1 CPU each
+Two figures per configuration:
+  - end to end: wall time including loading the pipeline (the reference loads it once in-process;
+    each actor starts a Python process and loads it once) and, for Ray, listing/verifying the store
+    and writing the manifest: what a user waits for;
+  - steady state: images/s between the first and the last finished image (serial) or batch (Ray),
+    i.e. without the fixed start-up cost, which a 300-images-per-class run amortizes.
+
+    .venv/bin/python bench/bench_generate.py                 # 24 images per configuration
+    .venv/bin/python bench/bench_generate.py --images 1000 --only-ray 2   # the 1,000-image run
+
+Prints one line per configuration and the ratios to the reference; with --only-ray, wall time and
+peak memory (driver + actors, resident set) of one Ray run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24, help="images per configuration")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per Ray Data batch")
+    parser.add_argument("--only-ray", type=int, default=None, metavar="WORKERS",
+                        help="skip the comparison; one Ray run with this many actors, report wall time + peak memory")
+    parser.add_argument("--cache", default=None, help="model cache dir (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+class PeakMemory:
+    """Samples the resident memory of this process + its Ray generation actors every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = psutil.Process().memory_info().rss
+        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "ImageGenerator" in cmd and proc.info["memory_info"] is not None:
+                total += proc.info["memory_info"].rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_bytes = max(self.peak_bytes, self._sample())
+            except Exception:  # a process vanished mid-scan
+                pass
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_cfg(args, workers: int):
+    from t2id.generate.config import GenerateConfig
+
+    return GenerateConfig(images_per_class=args.images, width=args.size, height=args.size, steps=args.steps,
+                          batch_size=args.batch_size, concurrency=workers, cpus_per_actor=1,
+                          quality={"min_std": 0, "min_entropy": 0})  # no top-up: same image count everywhere
+
+
+def plan_for(args):
+    from t2id.generate.plan import GenParams, PlanClass, initial_plan
+
+    params = GenParams("", args.steps, 7.5, "euler", args.size, args.size, "tiny", "")
+    classes = [PlanClass("vocal fold", 5, ("High-resolution ultrasound scan of the human vocal fold",))]
+    return classes, initial_plan(0, 0, classes, params, args.images)
+
+
+def steady_rate(stamps: list[tuple[float, int]]) -> float:
+    """Images/s after the first finished unit: (images after it) / (time from it to the last one)."""
+    if len(stamps) < 2:
+        return float("nan")
+    return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+
+
+def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
+    """A plain diffusers loop over the plan: load once, one image per call, PNG to a local store."""
+    import torch
+
+    from t2id.generate.worker import png_bytes
+    from t2id.lora.models import load_sdxl_pipeline
+    from t2id.store import open_store
+
+    torch.set_num_threads(1)
+    store = open_store(str(out))
+    _, rows = plan_for(args)
+    stamps = []
+    t0 = time.perf_counter()
+    pipe = load_sdxl_pipeline("tiny", cache)
+    for row in rows:
+        generator = torch.Generator("cpu").manual_seed(row["seed"])
+        with torch.inference_mode():
+            image = pipe(prompt=row["prompt"], num_inference_steps=args.steps, guidance_scale=7.5,
+                         width=args.size, height=args.size, generator=generator, output_type="np").images[0]
+        store.write_bytes(row["key"], png_bytes((image.clip(0, 1) * 255).round().astype("uint8")))
+        stamps.append((time.perf_counter(), 1))
+    return time.perf_counter() - t0, steady_rate(stamps)
+
+
+def ray_path(args, cache: Path, out: Path, workers: int) -> tuple[float, float]:
+    from t2id.generate.run import FoldJob, generate_fold, run_ray
+    from t2id.store import open_store
+
+    stamps: list[tuple[float, int]] = []
+
+    def timed(rows, job, lora_sha256, worker_cls, on_batch):
+        def stamped(batch):
+            stamps.append((time.perf_counter(), len(batch["key"])))
+            on_batch(batch)
+
+        run_ray(rows, job, lora_sha256, worker_cls, stamped)
+
+    classes, _ = plan_for(args)
+    job = FoldJob(store=open_store(str(out)), fold=0, classes=classes, run_seed=0, cfg=make_cfg(args, workers),
+                  base_model="tiny", cache_dir=str(cache))
+    t0 = time.perf_counter()
+    outcome = generate_fold(job, show_progress=False, executor=timed)
+    seconds = time.perf_counter() - t0
+    assert outcome.generated == args.images, outcome.generated
+    return seconds, steady_rate(stamps)
+
+
+def main(args: argparse.Namespace) -> None:
+    import ray
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    cache = Path(args.cache) if args.cache else tmp / "cache"
+    try:
+        from t2id.lora.models import resolve_model_source
+
+        resolve_model_source("tiny", cache)  # build the tiny model outside every timing
+        ray.init(num_cpus=max(2, args.only_ray or 2), include_dashboard=False, log_to_driver=False)
+        print(f"{args.images} images, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        if args.only_ray:
+            with PeakMemory() as mem:
+                seconds, steady = ray_path(args, cache, tmp / "ray", args.only_ray)
+            driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"ray x{args.only_ray}: {seconds:.1f} s wall, {args.images / seconds:.2f} images/s end to end, "
+                  f"{steady:.2f} images/s steady; peak RSS driver+actors {mem.peak_bytes / 2**20:.0f} MiB "
+                  f"(driver max RSS {driver_peak:.0f} MiB); load average now {os.getloadavg()[0]:.1f}")
+            return
+        serial, serial_steady = serial_reference(args, cache, tmp / "serial")
+        print(f"serial diffusers loop (reference): {serial:.1f} s, {args.images / serial:.2f} images/s end to end, "
+              f"{serial_steady:.2f} images/s steady")
+        for workers in (1, 2):
+            seconds, steady = ray_path(args, cache, tmp / f"ray{workers}", workers)
+            print(f"ray x{workers}: {seconds:.1f} s, {args.images / seconds:.2f} images/s end to end "
+                  f"(ratio {serial / seconds:.2f}x), {steady:.2f} images/s steady "
+                  f"(ratio {steady / serial_steady:.2f}x)")
+        print(f"load average now {os.getloadavg()[0]:.1f}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(parse_args())

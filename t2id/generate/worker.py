@@ -1,0 +1,165 @@
+"""Ray Data callable class that turns plan rows into PNGs in the store (STYLE.md item 4).
+
+`__init__` loads the SDXL pipeline and the fold's LoRA adapter once per actor; `__call__`
+takes a batch of plan rows and, for each row:
+  1. draws its initial latents from its own `torch.Generator` seeded with the row's seed,
+     so an image depends only on its seed, not on the batch it lands in or the worker;
+  2. measures the quality gate (t2id.generate.quality) and, when enabled, the CLIP score;
+  3. writes the PNG atomically at the row's deterministic key, then a small JSON record of
+     its provenance (incl. the PNG's sha256) next to it. The record is the commit point: a
+     row counts as done only when its record exists and the PNG's checksum matches it, so a
+     killed actor or driver leaves at worst an orphan PNG that the retry overwrites in place;
+  4. returns the provenance columns for the driver's manifest.
+The class is plain Python: tests call it directly, the stage runs it under `map_batches`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from t2id.generate.config import QualityGate
+from t2id.generate.quality import measure
+from t2id.store import Store
+
+# generate.scheduler -> diffusers class name (all built with from_config on the model's scheduler config)
+SCHEDULER_CLASSES = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+# Columns __call__ returns (one value per input row); the driver adds the plan columns.
+RESULT_COLUMNS = ("key", "sha256", "width", "height", "std", "entropy", "clip_score", "kept", "reject_reason")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+def png_bytes(pixels_hwc: np.ndarray) -> bytes:
+    """Deterministic PNG encoding (no timestamps or text chunks): same pixels -> same bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels_hwc).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+class ImageGenerator:
+    """Callable class for `Dataset.map_batches`: plan rows in, PNGs in the store, provenance out."""
+
+    def __init__(self, store: Store, base_model: str, cache_dir: str, adapter_key: str | None,
+                 lora_sha256: str, scheduler: str, steps: int, guidance: float, width: int, height: int,
+                 gate: dict[str, Any], device: str = "cpu", dtype: str = "auto", allow_network: bool = False,
+                 endpoint_url: str | None = None, batched_pipeline: bool = False, clip_weights: str = "tiny",
+                 torch_threads: int | None = None) -> None:
+        from t2id.lora.models import load_sdxl_pipeline
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # one actor per reserved CPU: no oversubscription
+        self.store = store
+        self.device = device
+        self.steps, self.guidance, self.width, self.height = steps, guidance, width, height
+        self.gate = QualityGate(**gate)
+        self.batched_pipeline = batched_pipeline
+        self.provenance = {"base_model": base_model, "lora_sha256": lora_sha256, "scheduler": scheduler}
+        cache = Path(cache_dir).expanduser()
+        self.pipe = load_sdxl_pipeline(base_model, cache, allow_network=allow_network,
+                                       torch_dtype=resolve_dtype(dtype, device), device=device,
+                                       endpoint_url=endpoint_url)
+        if scheduler != "default":
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULER_CLASSES[scheduler])
+            self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
+        if adapter_key:
+            # The adapter is content-addressed in the local cache, so every actor on a node reuses one copy.
+            local_dir = cache / "adapters" / lora_sha256[:16]
+            local_file = local_dir / "pytorch_lora_weights.safetensors"
+            if not local_file.exists():
+                store.read_file(adapter_key, local_file)
+            from diffusers.utils import logging as diffusers_logging
+
+            # The lora stage adapts the UNet only; without this, diffusers logs one "no LoRA keys for
+            # text_encoder(_2)" line per actor.
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()
+            try:
+                self.pipe.load_lora_weights(str(local_dir))
+            finally:
+                diffusers_logging.set_verbosity(level)
+        self.clip = None
+        if self.gate.min_clip_score is not None:
+            from t2id.evaluate.clip_score import ClipScorer
+
+            self.clip = ClipScorer(clip_weights, cache, device=device, endpoint_url=endpoint_url)
+
+    def render(self, prompts: list[str], negative_prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        """uint8 HxWx3 images; one Generator per image. Batched pipeline calls are faster on GPUs but
+        round differently (~1e-5), so by default each image gets its own call: then its bytes depend
+        only on its seed, whatever the batch composition."""
+        groups = [list(range(len(seeds)))] if self.batched_pipeline else [[i] for i in range(len(seeds))]
+        images: list[np.ndarray] = [None] * len(seeds)  # type: ignore[list-item]
+        for group in groups:
+            generators = [torch.Generator(self.device).manual_seed(int(seeds[i])) for i in group]
+            with torch.inference_mode():
+                out = self.pipe(prompt=[prompts[i] for i in group],
+                                negative_prompt=[negative_prompts[i] for i in group],
+                                num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                width=self.width, height=self.height, generator=generators, output_type="np")
+            for i, image in zip(group, out.images):
+                images[i] = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return images
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        negatives = [str(p) for p in batch["negative_prompt"]]
+        seeds = [int(s) for s in batch["seed"]]
+        images = self.render(prompts, negatives, seeds)
+        clip_scores: list[float | None] = [None] * len(images)
+        if self.clip is not None:
+            clip_scores = [float(s) for s in self.clip([Image.fromarray(im) for im in images], prompts)]
+        out: dict[str, list] = {name: [] for name in RESULT_COLUMNS}
+        for i, image in enumerate(images):
+            result = measure(image, self.gate, clip_scores[i])
+            key, record_key = str(batch["key"][i]), str(batch["record_key"][i])
+            sha = self.store.write_bytes(key, png_bytes(image))
+            record = {
+                "key": key,
+                "sha256": sha,
+                "params_digest": str(batch["params_digest"][i]),
+                "seed": seeds[i],
+                "prompt": prompts[i],
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "std": result.std,
+                "entropy": result.entropy,
+                "clip_score": result.clip_score,
+                "kept": result.kept,
+                "reject_reason": result.reject_reason,
+                **self.provenance,
+            }
+            self.store.write_text(record_key, json.dumps(record, sort_keys=True))  # commit point: after the PNG
+            for name in RESULT_COLUMNS:
+                out[name].append(record[name])
+        return {
+            "key": np.array(out["key"], dtype=object),
+            "sha256": np.array(out["sha256"], dtype=object),
+            "width": np.array(out["width"], dtype=np.int32),
+            "height": np.array(out["height"], dtype=np.int32),
+            "std": np.array(out["std"], dtype=np.float64),
+            "entropy": np.array(out["entropy"], dtype=np.float64),
+            "clip_score": np.array([np.nan if s is None else s for s in out["clip_score"]], dtype=np.float64),
+            "kept": np.array(out["kept"], dtype=bool),
+            "reject_reason": np.array(out["reject_reason"], dtype=object),
+        }

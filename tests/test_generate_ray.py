@@ -1,0 +1,315 @@
+"""Generation with the tiny SDXL + a LoRA adapter: the callable class alone, then through Ray Data;
+exactly-once under a crashing actor and under a killed driver; quality gate and top-up."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from t2id.generate.config import GenerateConfig
+from t2id.generate.plan import GenParams, PlanClass, initial_plan
+from t2id.generate.run import FoldJob, LocalExecutor, generate_fold, manifest_key
+from t2id.generate.worker import ImageGenerator
+from t2id.store import open_store, sha256_bytes
+
+ADAPTER_KEY = "lora/fold=0/pytorch_lora_weights.safetensors"
+CLASSES = [PlanClass("tracheal ring", 2, ("ultrasound of the tracheal ring",)),
+           PlanClass("vocal fold", 5, ("ultrasound of the vocal fold",))]
+
+
+def make_adapter(cache_dir: Path, out_dir: Path) -> Path:
+    """A LoRA on the tiny UNet's attention projections with perturbed weights, saved in diffusers
+    format with `save_lora_weights`: the file the lora stage publishes."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from t2id.lora.models import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:  # B = 0 at init would make the adapter a no-op
+                param.normal_(0.0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionXLPipeline.save_lora_weights(str(out_dir), unet_lora_layers=layers)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("gen-cache")
+    adapter = make_adapter(cache, tmp_path_factory.mktemp("adapter"))
+    return {"cache": cache, "adapter": adapter}
+
+
+def gen_cfg(**kw) -> GenerateConfig:
+    base = dict(images_per_class=3, width=64, height=64, steps=2, batch_size=2, concurrency=2,
+                quality={"min_std": 0, "min_entropy": 0})
+    return GenerateConfig(**{**base, **kw})
+
+
+def make_job(store, tiny, cfg: GenerateConfig, classes=CLASSES) -> FoldJob:
+    if not store.exists(ADAPTER_KEY):
+        store.write_file(ADAPTER_KEY, tiny["adapter"])
+    return FoldJob(store=store, fold=0, classes=classes, run_seed=0, cfg=cfg, base_model="tiny",
+                   cache_dir=str(tiny["cache"]), adapter_key=ADAPTER_KEY)
+
+
+def assert_store_equals_plan(store, outcome) -> None:
+    """No gaps, no duplicates, no strays; every PNG matches its manifest checksum."""
+    manifest = store.read_table(manifest_key(0)).to_pylist()
+    plan_keys = [r["key"] for r in outcome.plan]
+    assert len(plan_keys) == len(set(plan_keys)) == len(manifest)
+    listed = [k for k in store.list("generate/fold=0/images") if k.endswith(".png")]
+    assert sorted(listed) == sorted(plan_keys)
+    for row in manifest:
+        data = store.read_bytes(store.key_of(row["uri"]))
+        assert sha256_bytes(data) == row["sha256"]
+        assert row["source"] == "synthetic" and row["fold"] == 0 and row["lora_sha256"]
+
+
+def plan_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    cols = ("key", "record_key", "params_digest", "prompt", "negative_prompt", "seed")
+    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c == "seed" else object) for c in cols}
+
+
+def test_callable_class_without_ray_same_seed_same_image(tmp_path, tiny):
+    """__call__ directly: PNGs + records written; an image depends only on its seed, not its batch."""
+    store = open_store(str(tmp_path / "store"))
+    store.write_file(ADAPTER_KEY, tiny["adapter"])
+    lora_sha = store.sha256(ADAPTER_KEY)
+    params = GenParams("", 2, 7.5, "euler", 64, 64, "tiny", lora_sha)
+    rows = initial_plan(0, 0, CLASSES[:1], params, 3)
+    gen = ImageGenerator(store, "tiny", str(tiny["cache"]), ADAPTER_KEY, lora_sha, "euler", 2, 7.5, 64, 64,
+                         gate={"min_std": 30, "min_entropy": 4.7}, torch_threads=1)
+
+    out = gen(plan_batch(rows))
+    assert list(out["key"]) == [r["key"] for r in rows]
+    for row, sha in zip(rows, out["sha256"]):
+        assert store.sha256(row["key"]) == sha
+        record = json.loads(store.read_text(row["record_key"]))
+        assert record["sha256"] == sha and record["params_digest"] == row["params_digest"]
+    three = [store.read_bytes(r["key"]) for r in rows]
+    assert len(set(three)) == 3  # different seeds, different images
+
+    alone = gen(plan_batch(rows[1:2]))  # the middle row on its own
+    assert alone["sha256"][0] == out["sha256"][1]
+
+    # Batched pipeline calls: same latents per seed; float rounding may move a pixel by one grey level.
+    gen.batched_pipeline = True
+    batched = gen.render([r["prompt"] for r in rows], [""] * 3, [r["seed"] for r in rows])
+    single = gen.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])
+    assert np.abs(batched[1].astype(int) - single[0].astype(int)).max() <= 1
+
+    # The adapter matters: the base model alone draws a different image from the same seed.
+    base = ImageGenerator(store, "tiny", str(tiny["cache"]), None, "", "euler", 2, 7.5, 64, 64,
+                          gate={"min_std": 30, "min_entropy": 4.7}, torch_threads=1)
+    assert not np.array_equal(base.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])[0], single[0])
+
+
+def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
+    """Orchestration without Ray (LocalExecutor): a PNG that no longer matches its record is redone."""
+    store = open_store(str(tmp_path / "store"))
+    job = make_job(store, tiny, gen_cfg(images_per_class=2))
+    local = LocalExecutor()
+    first = generate_fold(job, show_progress=False, executor=local)
+    key = first.plan[0]["key"]
+    good = store.read_bytes(key)
+    store.write_bytes(key, b"not a png")
+    again = generate_fold(job, show_progress=False, executor=local)
+    assert (again.generated, again.reused) == (1, 3)
+    assert store.read_bytes(key) == good  # same seed, same bytes
+    assert_store_equals_plan(store, again)
+
+
+def test_gate_rejects_keep_records_and_top_up_to_n(tiny, tmp_path):
+    """Threshold between the images' std values: some rejected, top-up rounds reach N kept."""
+    store = open_store(str(tmp_path / "store"))
+    local = LocalExecutor()
+    probe = generate_fold(make_job(store, tiny, gen_cfg(images_per_class=4)), show_progress=False, executor=local)
+    stds = sorted(r["std"] for r in probe.records.values())
+    threshold = (stds[2] + stds[3]) / 2  # rejects most of the first round
+    cfg = gen_cfg(images_per_class=4, max_attempts_factor=6, quality={"min_std": threshold, "min_entropy": 0})
+    outcome = generate_fold(make_job(store, tiny, cfg), show_progress=False, executor=local)
+    assert outcome.reused == 8  # round 0 reused; only the gate changed
+    manifest = store.read_table(manifest_key(0)).to_pylist()
+    rejected = [r for r in manifest if not r["kept"]]
+    assert rejected and all(r["reject_reason"] == "std" for r in rejected)
+    assert all(store.exists(store.key_of(r["uri"])) for r in rejected)  # kept on disk, recorded
+    for name, c in outcome.classes.items():
+        assert c.attempted > 4
+        assert c.kept == 4 or c.attempted == 24, (name, c)
+        assert c.shortfall == 4 - c.kept
+    assert_store_equals_plan(store, outcome)
+    again = generate_fold(make_job(store, tiny, cfg), show_progress=False, executor=local)
+    assert again.generated == 0 and again.classes == outcome.classes
+
+
+def test_impossible_gate_reports_shortfall_at_the_bound(tiny, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    cfg = gen_cfg(images_per_class=2, max_attempts_factor=2,
+                  quality={"min_std": 0, "min_entropy": 8})  # 64x64 images cannot reach 8 bits
+    outcome = generate_fold(make_job(store, tiny, cfg, CLASSES[:1]), show_progress=False, executor=LocalExecutor())
+    c = outcome.classes["tracheal ring"]
+    assert (c.attempted, c.kept, c.shortfall) == (4, 0, 2)
+    manifest = store.read_table(manifest_key(0)).to_pylist()
+    assert len(manifest) == 4 and {r["reject_reason"] for r in manifest} == {"entropy"}
+    assert_store_equals_plan(store, outcome)
+
+
+def test_clip_gate_scores_each_image_and_rejects_below_threshold(tiny, tmp_path):
+    """The optional CLIP gate (evaluate's ClipScorer, tiny weights): scores recorded, 'clip' rejections."""
+    store = open_store(str(tmp_path / "store"))
+    cfg = gen_cfg(images_per_class=1, max_attempts_factor=2, quality={"min_std": 0, "min_entropy": 0,
+                                                                      "min_clip_score": 1000.0})  # max is 100
+    job = make_job(store, tiny, cfg, CLASSES[:1])
+    outcome = generate_fold(job, show_progress=False, executor=LocalExecutor())
+    manifest = store.read_table(manifest_key(0)).to_pylist()
+    assert len(manifest) == 2 and outcome.classes["tracheal ring"].shortfall == 1
+    assert all(r["reject_reason"] == "clip" and 0 <= r["clip_score"] <= 100 for r in manifest)
+
+
+def test_ray_data_generates_plan_once_then_nothing(ray_local, tiny, s3_bucket, s3_server):
+    store = open_store(f"s3://{s3_bucket}/run", endpoint_url=s3_server)
+    job = make_job(store, tiny, gen_cfg())
+    first = generate_fold(job, show_progress=False)
+    assert first.generated == 6 and first.reused == 0
+    assert_store_equals_plan(store, first)
+    manifest = store.read_table(manifest_key(0))
+    assert manifest.column("kept").to_pylist() == [True] * 6
+    assert sorted(set(manifest.column("class_id").to_pylist())) == [2, 5]
+
+    second = generate_fold(job, show_progress=False)
+    assert second.generated == 0 and second.reused == 6
+    assert store.read_table(manifest_key(0)).equals(manifest)
+
+
+
+class CrashOnce(ImageGenerator):
+    """Writes the first image of its first batch, then kills its own process (no cleanup, like an OOM
+    kill). A marker file makes the restarted actor behave normally."""
+
+    marker = ""
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            super().__call__({k: v[:1] for k, v in batch.items()})
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_killed_actor_is_restarted_and_nothing_duplicated(ray_local, tiny, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
+    CrashOnce.marker = str(tmp_path / "crashed")
+    store = open_store(str(tmp_path / "store"))
+    job = make_job(store, tiny, gen_cfg(concurrency=1))
+    outcome = generate_fold(job, worker_cls=CrashOnce, show_progress=False)
+    assert Path(CrashOnce.marker).exists()  # the crash happened
+    assert outcome.generated == 6
+    assert_store_equals_plan(store, outcome)
+
+
+DRIVER = """
+import sys, ray
+from t2id.generate.config import GenerateConfig
+from t2id.generate.plan import PlanClass
+from t2id.generate.run import FoldJob, generate_fold
+from t2id.store import open_store
+ray.init(address=sys.argv[1], log_to_driver=False)
+cfg = GenerateConfig(images_per_class=8, width=64, height=64, steps=2, batch_size=1, concurrency=1,
+                     quality={"min_std": 0, "min_entropy": 0})
+job = FoldJob(store=open_store(sys.argv[2]), fold=0, classes=[PlanClass("vocal fold", 5, ("a vocal fold",))],
+              run_seed=0, cfg=cfg, base_model="tiny", cache_dir=sys.argv[3],
+              adapter_key="lora/fold=0/pytorch_lora_weights.safetensors")
+generate_fold(job, show_progress=False)
+"""
+
+
+def test_killed_driver_then_rerun_completes_the_plan_exactly(ray_local, tiny, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.write_file(ADAPTER_KEY, tiny["adapter"])
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, str(script), address, store.root, str(tiny["cache"])],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while len(store.list("generate/fold=0/records")) < 2:
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "no image appeared within 90 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_before = len(store.list("generate/fold=0/records"))
+    assert 2 <= done_before < 8 and not store.exists(manifest_key(0))
+
+    cfg = gen_cfg(images_per_class=8, batch_size=1, concurrency=1)
+    outcome = generate_fold(make_job(store, tiny, cfg, [PlanClass("vocal fold", 5, ("a vocal fold",))]),
+                            show_progress=False)
+    assert outcome.reused >= done_before and outcome.reused + outcome.generated == 8
+    assert_store_equals_plan(store, outcome)
+
+
+def test_stage_end_to_end_then_second_run_generates_nothing(ray_local, tiny, tmp_path):
+    """data -> split -> (adapter) -> generate through the runner: manifest, plan, contact sheets;
+    a second run skips the stage, and a forced rerun finds every image in place."""
+    import importlib
+
+    from PIL import Image
+
+    from t2id.config import validate_config
+    from t2id.runner import Stage, StageResult, run_pipeline
+
+    def fake_lora(ctx):  # what the lora stage publishes, without training (tested in test_lora_*)
+        key = "lora/fold=0/pytorch_lora_weights.safetensors"
+        return StageResult(outputs={key: ctx.store.write_file(key, tiny["adapter"])})
+
+    stages = {n: importlib.import_module(f"t2id.{n}.stage").STAGE for n in ("data", "split", "generate")}
+    stages["lora"] = Stage(name="lora", sections=("lora",), depends_on=("data", "split"), run=fake_lora)
+    cfg = validate_config({
+        "run": {"id": "gen", "stages": ["data", "split", "lora", "generate"]},
+        "store": {"uri": str(tmp_path / "store"), "cache_dir": str(tiny["cache"])},
+        "data": {"source": "phantom", "phantom": {"subjects": 4, "frames_per_subject": 3, "size": 64}},
+        "split": {"folds": 2},
+        "generate": {"images_per_class": 2, "width": 64, "height": 64, "steps": 2, "batch_size": 2,
+                     "folds": [0], "contact_sheet_images": 2, "contact_sheet_thumb": 32},
+    })
+    first = {o.stage: o for o in run_pipeline(cfg, stages=stages)}["generate"]
+    assert first.status == "ran" and first.summary["generated"] >= 4
+    store = open_store(str(tmp_path / "store")).child("gen")
+    manifest = store.read_table(manifest_key(0)).to_pylist()
+    per_class = first.summary["folds"]["0"]["classes"]
+    for name, c in per_class.items():
+        assert c["kept"] == 2 or c["attempted"] == 4, (name, c)
+    assert len(manifest) == sum(c["attempted"] for c in per_class.values())
+    names = json.loads(store.read_text("data/classes.json"))["names"]
+    assert {r["class_id"] for r in manifest} == {names.index("tracheal ring"), names.index("vocal fold")}
+    assert all(r["base_model"] == "tiny" and r["steps"] == 2 and r["prompt"] for r in manifest)
+    for slug in ("tracheal-ring", "vocal-fold"):
+        sheet = Image.open(io.BytesIO(store.read_bytes(f"generate/fold=0/contact_sheets/{slug}.png")))
+        assert sheet.width > sheet.height  # real | synthetic side by side
+    assert not store.list("generate/fold=1")  # generate.folds: [0]
+
+    again = {o.stage: o for o in run_pipeline(cfg, stages=stages)}["generate"]
+    assert again.status == "skipped"
+    forced = {o.stage: o for o in run_pipeline(cfg, stages=stages, force="generate")}["generate"]
+    assert forced.status == "ran" and forced.summary["generated"] == 0
+    assert store.read_table(manifest_key(0)).to_pylist() == manifest

@@ -22,13 +22,7 @@ from t2id.store import sha256_file
 PROMPTS = ["High-resolution ultrasound scan of the human tracheal ring", "vocal fold, 2 cm! (B-mode)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is latency-bound; more threads than free cores only adds contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

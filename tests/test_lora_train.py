@@ -53,13 +53,7 @@ def make_examples(store, n: int = 8, size: int = 72, seed: int = 0) -> list[Exam
 CFG = dict(rank=4, alpha=4, resolution=64, batch_size=4, lr=1e-2, mixed_precision="no", num_workers=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is latency-bound; more threads than free cores only adds contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

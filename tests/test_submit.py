@@ -84,8 +84,9 @@ def _ray_head():
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
            "--include-dashboard=true", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         from ray.job_submission import JobSubmissionClient
@@ -97,7 +98,8 @@ def _ray_head():
                 break
             except Exception:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"local Ray head did not come up (exit {proc.poll()})") from None
+                    raise RuntimeError(f"local Ray head did not come up (exit {proc.poll()}):\n"
+                                       f"{log_path.read_text(errors='replace')[-3000:]}") from None
                 time.sleep(0.5)
         yield address, token
     finally:

@@ -88,3 +88,20 @@ def test_killed_worker_resumes_on_s3_and_matches(uninterrupted, s3_bucket, s3_se
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5)
     log = store.read_table(f"{PREFIX}/train_log.parquet").to_pylist()
     assert [r["step"] for r in log] == list(range(1, 7))  # the log survived the restart
+
+
+def test_text_encoder_lora_under_ddp(ray_local, tmp_path):
+    """lora.train_text_encoder with 2 workers: the encoders' LoRA gradients are averaged over ranks, so
+    both ranks end with the same UNet and text-encoder weights (the digest covers all three)."""
+    store = open_store(str(tmp_path / "store"))
+    examples = make_examples(store)
+    cfg = _cfg(train_text_encoder=True, epochs=1, validation_images=0)
+    result = train_fold(store, PREFIX, examples, cfg, SEED, tmp_path / "cache", run_name="te")
+    assert result.error is None
+    ranks = _ranks(store)
+    assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]
+    assert any(k.endswith("lora_text_encoder_2.safetensors") for k in store.list("lora/_ray/te"))
+    adapter = load_file(store.uri(f"{PREFIX}/{ADAPTER_FILE}"))
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(prefix) for k in adapter), prefix
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if k.startswith("text_encoder_2.") and ".up." in k)

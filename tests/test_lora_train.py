@@ -14,7 +14,14 @@ from PIL import Image
 
 from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
 from t2id.lora.config import LoraConfig
-from t2id.lora.data import Example, build_cache, encode_images, load_or_build_cache, preprocess_image
+from t2id.lora.data import (
+    Example,
+    build_cache,
+    encode_images,
+    encode_prompts,
+    load_or_build_cache,
+    preprocess_image,
+)
 from t2id.lora.models import load_sdxl_pipeline
 from t2id.lora.ray_train import restore_checkpoint, save_checkpoint
 from t2id.lora.train import (
@@ -191,8 +198,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(tiny_set, cache_dir, tmp_pa
 def test_config_checks_name_the_fix():
     with pytest.raises(ValueError, match="multiple of lora.num_workers"):
         LoraConfig(batch_size=6, num_workers=4)
-    with pytest.raises(ValueError, match="train_text_encoder"):
-        LoraConfig(train_text_encoder=True)
+    assert LoraConfig().train_text_encoder is False  # the paper adapts the UNet only
+    assert LoraConfig(train_text_encoder=True).train_text_encoder is True
 
 
 def test_fold_examples_never_hold_validation_images(tmp_path):
@@ -224,3 +231,84 @@ def test_fold_examples_never_hold_validation_images(tmp_path):
         assert {e.prompt for e in examples} == {p for _, ps in targets for p in ps}
     with pytest.raises(Exception, match="not a class of this dataset"):
         fold_examples(store, 0, names, [("trachea", ["x"])])
+
+
+# Text-encoder LoRA (lora.train_text_encoder) ----------------------------------------------------
+
+PROMPT = "ultrasound scan of the vocal fold"
+
+
+def _encoders(p):
+    return [p.tokenizer, p.tokenizer_2], [p.text_encoder, p.text_encoder_2]
+
+
+@pytest.fixture(scope="module")
+def trained_te(tiny_set, cache_dir):
+    _, _, cache = tiny_set
+    cfg = LoraConfig(**CFG, epochs=5, train_text_encoder=True)
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+    state = setup_training(pipe, cfg, len(cache), seed=0)
+    init = [{k: v.clone() for k, v in lora_state_dict(e).items()} for e in state.text_encoders]
+    fit(state, cache, cfg, seed=0)
+    for e in state.text_encoders:
+        e.eval()
+    return pipe, state, cfg, init
+
+
+def test_text_encoder_lora_trains(trained_te, tiny_set):
+    pipe, state, _, init = trained_te
+    _, _, cache = tiny_set
+    assert len(state.log) == 10 and all(np.isfinite(r["loss"]) for r in state.log)
+    assert state.text_encoders == [pipe.text_encoder, pipe.text_encoder_2]
+    n_unet = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in state.params) > n_unet  # the encoders' LoRA is in the optimizer
+    for before, encoder in zip(init, state.text_encoders):
+        after = lora_state_dict(encoder)
+        assert after.keys() == before.keys() and any("q_proj" in k for k in after)
+        assert all(v.dtype == torch.float32 for v in after.values())  # fp32 master weights
+        changed = [k for k in after if not torch.equal(after[k], before[k])]
+        assert any("lora_B" in k for k in changed), "text-encoder LoRA did not move from its zero init"
+    # The prompts are encoded through the trained encoders, so they no longer match the cache.
+    embeds, pooled = encode_prompts(*_encoders(pipe), cache.prompts)
+    assert not torch.allclose(embeds, cache.prompt_embeds, atol=1e-4)
+    assert not torch.allclose(pooled, cache.pooled_embeds, atol=1e-4)
+
+
+def test_text_encoder_lora_saved_and_loaded_by_diffusers(trained_te, cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    pipe, state, _, _ = trained_te
+    save_adapter(state.unet, tmp_path, state.text_encoders)
+    keys = load_file(str(tmp_path / ADAPTER_FILE)).keys()
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    fresh = load_sdxl_pipeline("tiny", cache_dir)
+
+    def each_encoder(p):  # (hidden states, pooled) of each encoder on its own
+        return [encode_prompts([tok], [enc], [PROMPT]) for tok, enc in zip(*_encoders(p))]
+
+    base = each_encoder(fresh)
+    fresh.load_lora_weights(str(tmp_path))
+    adapted = each_encoder(fresh)
+    trained = each_encoder(pipe)
+    for b, a, t in zip(base, adapted, trained):  # text_encoder, text_encoder_2
+        assert (a[0] - b[0]).abs().max() > 1e-4  # the loaded adapter changes this encoder's output
+        torch.testing.assert_close(a[0], t[0], rtol=1e-4, atol=1e-5)  # ... to exactly the trained one
+    torch.testing.assert_close(adapted[1][1], trained[1][1], rtol=1e-4, atol=1e-5)  # pooled of text_encoder_2
+
+
+def test_text_encoder_lora_in_checkpoint(trained_te, tiny_set, cache_dir, tmp_path):
+    _, state, cfg, _ = trained_te
+    _, _, cache = tiny_set
+    save_checkpoint(state, tmp_path)
+    restored = setup_training(load_sdxl_pipeline("tiny", cache_dir), cfg, len(cache), seed=5)
+    restore_checkpoint(restored, tmp_path)
+    assert restored.step == state.step
+    for saved, loaded in zip(state.text_encoders, restored.text_encoders):
+        a, b = lora_state_dict(saved), lora_state_dict(loaded)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key])
+    with pytest.raises(RuntimeError, match="text-encoder"):
+        (tmp_path / "lora_text_encoder.safetensors").unlink()
+        restore_checkpoint(restored, tmp_path)

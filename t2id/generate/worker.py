@@ -90,8 +90,9 @@ class ImageGenerator:
                 store.read_file(adapter_key, local_file)
             from diffusers.utils import logging as diffusers_logging
 
-            # The lora stage adapts the UNet only; without this, diffusers logs one "no LoRA keys for
-            # text_encoder(_2)" line per actor.
+            # The lora stage adapts the UNet only unless lora.train_text_encoder (then the file also holds
+            # both encoders' LoRA, loaded here too); without this, a UNet-only adapter makes diffusers log
+            # one "no LoRA keys for text_encoder(_2)" line per actor.
             level = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()
             try:

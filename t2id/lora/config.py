@@ -45,8 +45,9 @@ class LoraConfig(Section):
     )
     train_text_encoder: bool = Field(
         False,
-        description="Also put LoRA on both text encoders. Not implemented yet (the paper trains the UNet "
-        "only); must stay false.",
+        description="Also put LoRA (same rank/alpha/dropout, on q_proj, k_proj, v_proj, out_proj) on both text "
+        "encoders and train it with the UNet's; prompts are then encoded every step instead of cached. Off by "
+        "default: the paper adapts the UNet only.",
     )
     resolution: int = Field(512, ge=32, description="Training resolution (square; resize shorter side + centre crop).")
     epochs: int = Field(100, gt=0, description="Epochs (paper: 100).")
@@ -116,9 +117,6 @@ class LoraConfig(Section):
         names = [c.name for c in self.target_classes]
         if len(set(names)) != len(names):
             raise ValueError(f"lora.target_classes names must be unique, got {names}")
-        if self.train_text_encoder:
-            raise ValueError("lora.train_text_encoder: text-encoder LoRA is not implemented in this version "
-                             "(the paper adapts the UNet only); set it to false")
         if not self.target_classes:
             raise ValueError("lora.target_classes is empty; list at least one class with its prompts")
         return self

@@ -16,7 +16,9 @@
        is not the flipped latent of the image: the VAE is not flip-equivariant). A step picks
        orientation 0 or 1 per image with probability 1/2. Since the crop is centred, the crop
        corner, hence add_time_ids, is the same for both orientations.
-     - text: one (77 x 2048-ish) hidden-state tensor and one pooled embedding per distinct prompt.
+     - text: one (77 x 2048-ish) hidden-state tensor and one pooled embedding per distinct prompt,
+       plus each prompt's token ids of both tokenizers: with lora.train_text_encoder the encoders
+       carry trainable LoRA, so the step re-encodes the ids instead of using the cached embeddings.
    `load_or_build_cache` keys a local file by everything that changes the encodings (model
    folder, image bytes, prompts, resolution, flip, VAE dtype), so a restarted worker reuses it.
 """
@@ -99,23 +101,35 @@ def micro_conditioning(original_hw: tuple[int, int], crop_tl: tuple[int, int], t
     return [*original_hw, *crop_tl, *target_hw]
 
 
+def tokenize_prompts(tokenizers: list, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids of the prompts for each tokenizer: [P, max_length] long tensors."""
+    return [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids for tokenizer in tokenizers]
+
+
+def encode_ids(text_encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL prompt encoding of token ids (one tensor per encoder, on the encoders' device), with
+    autograd: penultimate hidden states of both encoders, concatenated, and the pooled projection of
+    the second (as StableDiffusionXLPipeline.encode_prompt does without CFG)."""
+    hidden_states = []
+    pooled = None
+    for encoder, encoder_ids in zip(text_encoders, ids):
+        out = encoder(encoder_ids, output_hidden_states=True)
+        hidden_states.append(out.hidden_states[-2])
+        pooled = out[0]  # last encoder wins: CLIPTextModelWithProjection's text_embeds
+    return torch.cat(hidden_states, dim=-1), pooled
+
+
 @torch.no_grad()
 def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str],
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL prompt encoding: penultimate hidden states of both encoders, concatenated, and the pooled
-    projection of the second (as StableDiffusionXLPipeline.encode_prompt does without CFG).
+    """`encode_ids` of the tokenized prompts, without autograd.
 
     Returns (prompt_embeds [P, 77, D1+D2], pooled [P, proj]), float32 on CPU.
     """
-    hidden_states = []
-    pooled = None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden_states.append(out.hidden_states[-2])
-        pooled = out[0]  # last encoder wins: CLIPTextModelWithProjection's text_embeds
-    return torch.cat(hidden_states, dim=-1).float().cpu(), pooled.float().cpu()
+    ids = [t.to(device) for t in tokenize_prompts(tokenizers, prompts)]
+    embeds, pooled = encode_ids(text_encoders, ids)
+    return embeds.float().cpu(), pooled.float().cpu()
 
 
 @dataclass
@@ -130,6 +144,7 @@ class LatentCache:
     prompts: list[str]
     prompt_embeds: torch.Tensor  # [P, 77, D]
     pooled_embeds: torch.Tensor  # [P, proj]
+    prompt_ids: list[torch.Tensor] = field(default_factory=list)  # per tokenizer: [P, 77] token ids
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -183,8 +198,8 @@ def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hfli
     mean, std = encode_images(vae, np.ascontiguousarray(stack.reshape(n * f, *stack.shape[2:])), device=device,
                               dtype=vae_dtype)
     prompts = sorted({ex.prompt for ex in examples})
-    embeds, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                    prompts, device=device)
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+    embeds, pooled = encode_prompts(tokenizers, [pipe.text_encoder, pipe.text_encoder_2], prompts, device=device)
     return LatentCache(
         image_ids=[ex.image_id for ex in examples],
         latent_mean=mean.reshape(n, f, *mean.shape[1:]),
@@ -194,13 +209,14 @@ def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hfli
         prompts=prompts,
         prompt_embeds=embeds,
         pooled_embeds=pooled,
+        prompt_ids=tokenize_prompts(tokenizers, prompts),
         meta={"resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32},
     )
 
 
 def cache_key(model_dir: str, examples: list[Example], resolution: int, hflip: bool, vae_fp32: bool) -> str:
     payload = {"model": str(model_dir), "examples": [(e.image_id, e.sha256, e.prompt) for e in examples],
-               "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 1}
+               "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 2}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -2,10 +2,14 @@
 
 The loop itself is `t2id.lora.train.fit`; this module adds what needs Ray:
   - DDP: `ray.train.torch.prepare_model` wraps the UNet (gloo on CPU, NCCL on GPU); each rank
-    takes its disjoint slice of every step's global batch (train.step_batches).
+    takes its disjoint slice of every step's global batch (train.step_batches). With
+    lora.train_text_encoder the text encoders' LoRA gradients are all-reduced explicitly each step
+    (train.all_reduce_text_encoder_grads) rather than through a DDP wrapper: text_encoder's last
+    layer feeds nothing SDXL uses, so its LoRA gets no gradient, which a plain DDP wrapper rejects.
   - Checkpoints every `checkpoint_every_steps` steps via `ray.train.report(checkpoint=...)` into
     Ray Train storage = `<run store>/lora/_ray/` (local folder or S3 through a pyarrow
-    S3FileSystem with the store's endpoint). A checkpoint holds the LoRA weights, optimizer,
+    S3FileSystem with the store's endpoint). A checkpoint holds the LoRA weights (UNet and, when
+    trained, both text encoders), optimizer,
     LR scheduler, grad scaler, step and the training log; the RNG state is a function of the
     step (train module doc), so restoring the step restores it.
   - FailureConfig(max_failures): when a worker dies, Ray Train restarts the worker group and
@@ -64,11 +68,15 @@ def slug(name: str) -> str:
 
 # Checkpoint files -------------------------------------------------------------------------------
 
+TEXT_ENCODER_FILES = ("lora_text_encoder.safetensors", "lora_text_encoder_2.safetensors")
+
 
 def save_checkpoint(state: TrainState, folder: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(lora_state_dict(state.unet), str(folder / "lora.safetensors"))
+    for i, encoder in enumerate(state.text_encoders):
+        save_file(lora_state_dict(encoder), str(folder / TEXT_ENCODER_FILES[i]))
     torch.save({
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
@@ -82,6 +90,12 @@ def restore_checkpoint(state: TrainState, folder: Path) -> None:
     from safetensors.torch import load_file
 
     load_lora_state_dict(state.unet, load_file(str(folder / "lora.safetensors"), device=str(state.device)))
+    for i, encoder in enumerate(state.text_encoders):
+        path = folder / TEXT_ENCODER_FILES[i]
+        if not path.exists():
+            raise RuntimeError(f"checkpoint {folder} has no {TEXT_ENCODER_FILES[i]}, but lora.train_text_encoder "
+                               "is on; it was written by a run without text-encoder LoRA")
+        load_lora_state_dict(encoder, load_file(str(path), device=str(state.device)))
     saved = torch.load(folder / "trainer.pt", map_location=state.device, weights_only=False)
     state.optimizer.load_state_dict(saved["optimizer"])
     state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
@@ -100,6 +114,8 @@ def write_validation_images(pipe, state: TrainState, cfg: LoraConfig, store: Sto
     keys = []
     unet = unwrap(state.unet)
     unet.eval()
+    for encoder in state.text_encoders:
+        encoder.eval()
     try:
         for c, target in enumerate(cfg.target_classes):
             for i in range(cfg.validation_images):
@@ -114,6 +130,8 @@ def write_validation_images(pipe, state: TrainState, cfg: LoraConfig, store: Sto
                 keys.append(key)
     finally:
         unet.train()
+        for encoder in state.text_encoders:
+            encoder.train()
     return keys
 
 
@@ -183,13 +201,13 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 4. Outputs.
     record = {
-        "rank": rank, "world": world, "resumed_from_step": resumed_from, "lora_digest": lora_digest(state.unet),
+        "rank": rank, "world": world, "resumed_from_step": resumed_from, "lora_digest": lora_digest(state.unet, *state.text_encoders),
         "steps": [[step, [cache.image_ids[i] for i in idx]] for step, idx in state.seen],
     }
     store.write_text(f"{prefix}/ranks/rank={rank}.json", json.dumps(record))
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(state.unet, tmp)
+            save_adapter(state.unet, tmp, state.text_encoders)
             store.write_file(f"{prefix}/{ADAPTER_FILE}", Path(tmp) / ADAPTER_FILE)
         store.write_table(f"{prefix}/train_log.parquet", pa.Table.from_pylist(state.log, schema=LOG_SCHEMA))
 

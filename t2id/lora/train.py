@@ -2,6 +2,8 @@
 
 Read top to bottom:
   1. `add_unet_lora`        peft LoRA on the UNet attention projections; fp32 master weights.
+     `add_text_encoder_lora` with lora.train_text_encoder, the same on both text encoders' attention
+                            (q/k/v/out_proj); prompts are then encoded every step from cached token ids.
   2. `step_batches`         which cached examples each rank uses at each optimizer step.
   3. `diffusion_loss`       noise-prediction MSE, optional min-SNR weighting and noise offset.
   4. `train_step`           one optimizer step (micro-batches, DDP no_sync, AMP, clipping).
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from t2id.lora.config import LoraConfig
-from t2id.lora.data import LatentCache
+from t2id.lora.data import LatentCache, encode_ids
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 
@@ -55,6 +57,25 @@ def add_unet_lora(unet, cfg: LoraConfig, weight_dtype: torch.dtype = torch.float
     return params
 
 
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_text_encoder_lora(encoder, cfg: LoraConfig, weight_dtype: torch.dtype = torch.float32
+                          ) -> list[torch.nn.Parameter]:
+    """Freeze a CLIP text encoder, cast it to `weight_dtype`, add LoRA (same rank, alpha, dropout as
+    the UNet's) on its attention projections; the LoRA parameters stay fp32 master weights."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    encoder.requires_grad_(False)
+    encoder.to(dtype=weight_dtype)
+    encoder.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                       init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS)))
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP wrapper (or the model itself)."""
     return getattr(module, "module", module)
@@ -77,25 +98,31 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"checkpoint does not match the adapter: unexpected keys {unexpected[:3]}")
 
 
-def lora_digest(unet) -> str:
-    """sha256 over the adapter's weights (ranks of a DDP run must agree)."""
+def lora_digest(unet, *text_encoders) -> str:
+    """sha256 over the adapter's weights, UNet then text encoders (ranks of a DDP run must agree)."""
     digest = hashlib.sha256()
-    for key, value in sorted(lora_state_dict(unet).items()):
-        digest.update(key.encode())
-        digest.update(value.numpy().tobytes())
+    for i, module in enumerate((unet, *text_encoders)):
+        for key, value in sorted(lora_state_dict(module).items()):
+            digest.update(f"{i}/{key}".encode() if i else key.encode())
+            digest.update(value.numpy().tobytes())
     return digest.hexdigest()
 
 
-def save_adapter(unet, out_dir) -> None:
-    """Write `pytorch_lora_weights.safetensors` that StableDiffusionXLPipeline.load_lora_weights reads."""
+def save_adapter(unet, out_dir, text_encoders: list | tuple = ()) -> None:
+    """Write `pytorch_lora_weights.safetensors` that StableDiffusionXLPipeline.load_lora_weights reads:
+    the UNet's LoRA, plus both text encoders' when `text_encoders` = [text_encoder, text_encoder_2]."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(
-        {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unwrap(unet)).items()})
-    StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
-                                                weight_name=ADAPTER_FILE)
+    def layers(module):
+        return convert_state_dict_to_diffusers(lora_state_dict(module))
+
+    extra = {}
+    if text_encoders:
+        first, second = text_encoders
+        extra = {"text_encoder_lora_layers": layers(first), "text_encoder_2_lora_layers": layers(second)}
+    StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=layers(unet), safe_serialization=True,
+                                                weight_name=ADAPTER_FILE, **extra)
 
 
 # 2. Batches ------------------------------------------------------------------------------------
@@ -229,6 +256,7 @@ def gather_batch(cache: LatentCache, indices: list[int], gen: torch.Generator, h
     latents = mean + std * torch.randn(mean.shape, generator=gen)  # = latent_dist.sample()
     prompt = cache.prompt_index[idx]
     return {
+        "prompt_index": prompt,  # CPU; rows of cache.prompt_ids when the text encoders train
         "latents": latents.to(device),
         "prompt_embeds": cache.prompt_embeds[prompt].to(device),
         "pooled_embeds": cache.pooled_embeds[prompt].to(device),
@@ -244,11 +272,12 @@ class TrainState:
     """Everything a checkpoint restores (the RNG state is a function of `step`, see module doc)."""
 
     unet: torch.nn.Module  # possibly DDP-wrapped
-    params: list[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]  # every trainable LoRA parameter (UNet, then text encoders)
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     noise_scheduler: Any
     scaler: Any = None  # torch.amp.GradScaler for fp16 on GPU
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)  # LoRA'd [te, te_2] when trained
     autocast_dtype: torch.dtype | None = None
     device: torch.device = torch.device("cpu")
     step: int = 0
@@ -308,6 +337,12 @@ def setup_training(pipe, cfg: LoraConfig, n_examples: int, world: int = 1,
     weight_dtype, autocast_dtype = compute_dtypes(cfg.mixed_precision, device)
     params = add_unet_lora(pipe.unet, cfg, weight_dtype)
     pipe.unet.to(device)
+    text_encoders = []
+    if cfg.train_text_encoder:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+            params += add_text_encoder_lora(encoder, cfg, weight_dtype)
+            encoder.to(device)
+            text_encoders.append(encoder)
     optimizer = make_optimizer(params, cfg)
     schedule = make_schedule(n_examples, cfg, world)
     # Training noise schedule = the base model's betas in DDPM form (diffusers' training scripts).
@@ -315,7 +350,37 @@ def setup_training(pipe, cfg: LoraConfig, n_examples: int, world: int = 1,
     scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 and device.type == "cuda" else None
     return TrainState(unet=pipe.unet, params=params, optimizer=optimizer,
                       lr_scheduler=make_lr_scheduler(optimizer, cfg, schedule.total_steps),
-                      noise_scheduler=noise_scheduler, scaler=scaler, autocast_dtype=autocast_dtype, device=device)
+                      noise_scheduler=noise_scheduler, scaler=scaler, autocast_dtype=autocast_dtype, device=device,
+                      text_encoders=text_encoders)
+
+
+def text_embeddings(state: TrainState, cache: LatentCache, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's (prompt_embeds, pooled): cached, or encoded now through the LoRA'd text encoders."""
+    if not state.text_encoders:
+        return batch["prompt_embeds"], batch["pooled_embeds"]
+    if len(cache.prompt_ids) != len(state.text_encoders):
+        raise RuntimeError("the latent cache holds no prompt token ids; rebuild it (lora.train_text_encoder "
+                           "needs them)")
+    ids = [ids[batch["prompt_index"]].to(state.device) for ids in cache.prompt_ids]
+    with state.autocast():
+        return encode_ids(state.text_encoders, ids)
+
+
+def all_reduce_text_encoder_grads(state: TrainState) -> None:
+    """Average the text encoders' LoRA gradients over the DDP group (the UNet's DDP wrapper does this
+    for its own); parameters without a gradient (e.g. the last layer of text_encoder, whose output
+    SDXL does not use) have none on every rank and are skipped alike."""
+    if not state.text_encoders or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    for encoder in state.text_encoders:
+        for p in encoder.parameters():
+            if p.requires_grad and p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
 
 
 def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule: Schedule, seed: int,
@@ -336,12 +401,14 @@ def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule:
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(state.unet, "no_sync") else state.unet.no_sync()
         with sync:
-            loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], batch["prompt_embeds"],
-                                  batch["pooled_embeds"], batch["time_ids"], gen, cfg.noise_offset,
+            prompt_embeds, pooled_embeds = text_embeddings(state, cache, batch)
+            loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], prompt_embeds,
+                                  pooled_embeds, batch["time_ids"], gen, cfg.noise_offset,
                                   cfg.min_snr_gamma, state.autocast())
             scaled = loss / len(micro_batches)
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         losses.append(loss.detach().float().item())
+    all_reduce_text_encoder_grads(state)
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     if cfg.max_grad_norm:
@@ -383,6 +450,8 @@ def fit(state: TrainState, cache: LatentCache, cfg: LoraConfig, seed: int, rank:
     hooks = hooks or Hooks()
     schedule = make_schedule(len(cache), cfg, world)
     state.unet.train()
+    for encoder in state.text_encoders:
+        encoder.train()
     started = time.perf_counter() - (state.log[-1]["time"] if state.log else 0.0)  # cumulative over resumes
     while state.step < schedule.total_steps:
         epoch = state.step // schedule.steps_per_epoch

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from t2id.config import STAGES, T2IDConfig, builtin_config, load_config
@@ -55,3 +56,16 @@ def run_job(stage: str | None, args: argparse.Namespace) -> list[StageOutcome]:
         print(json.dumps({"stage": o.stage, "status": o.status, "seconds": round(o.seconds, 2)}))
     print(json.dumps({"run": cfg.run.id, "store": run_store(cfg).root}))
     return outcomes
+
+
+def entrypoints(stage: str | None) -> tuple[Callable[..., argparse.Namespace], Callable[[argparse.Namespace], None]]:
+    """`parse_args(argv=None)` and `main(args)` of the job for `stage` (None: the whole pipeline)."""
+
+    def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+        return build_parser(stage).parse_args(argv)
+
+    def main(args: argparse.Namespace) -> None:
+        run_job(stage, args)
+
+    return parse_args, main
+

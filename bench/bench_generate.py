@@ -77,12 +77,17 @@ class PeakMemory:
         self._thread.join()
 
 
-def make_cfg(args, workers: int):
+def make_settings(args, workers: int):
     from t2id.generate.config import GenerateConfig
+    from t2id.generate.settings import GenerateSettings
 
-    return GenerateConfig(images_per_class=args.images, width=args.size, height=args.size, steps=args.steps,
-                          batch_size=args.batch_size, concurrency=workers, cpus_per_actor=1,
-                          quality={"min_std": 0, "min_entropy": 0})  # no top-up: same image count everywhere
+    g = GenerateConfig(images_per_class=args.images, width=args.size, height=args.size, steps=args.steps,
+                       batch_size=args.batch_size, concurrency=workers, cpus_per_actor=1,
+                       quality={"min_std": 0, "min_entropy": 0})  # no top-up: same image count everywhere
+    classes, _ = plan_for(args)
+    return GenerateSettings(generate=g, target_classes=[{"name": c.name, "prompts": list(c.prompts)} for c in classes],
+                            base_model="tiny", allow_network=False, run_seed=0, use_adapter=False, folds=None,
+                            clip_weights=None)
 
 
 def plan_for(args):
@@ -125,23 +130,26 @@ def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
 
 
 def ray_path(args, cache: Path, out: Path, workers: int) -> tuple[float, float]:
-    from t2id.generate.run import FoldJob, generate_fold, run_ray
+    from t2id.generate.core import generate_fold
+    from t2id.generate.ray_layer import run_ray
+    from t2id.generate.worker import ImageGenerator
     from t2id.store import open_store
 
     stamps: list[tuple[float, int]] = []
+    store = open_store(str(out))
+    s = make_settings(args, workers)
 
-    def timed(rows, job, lora_sha256, worker_cls, on_batch):
+    def timed(rows, on_batch):
         def stamped(batch):
             stamps.append((time.perf_counter(), len(batch["key"])))
             on_batch(batch)
 
-        run_ray(rows, job, lora_sha256, worker_cls, stamped)
+        run_ray(rows, stamped, worker_cls=ImageGenerator, settings=s, store=store, fold=0, g=s.generate,
+                cache_dir=str(cache))
 
     classes, _ = plan_for(args)
-    job = FoldJob(store=open_store(str(out)), fold=0, classes=classes, run_seed=0, cfg=make_cfg(args, workers),
-                  base_model="tiny", cache_dir=str(cache))
     t0 = time.perf_counter()
-    outcome = generate_fold(job, show_progress=False, executor=timed)
+    outcome = generate_fold(store, s, 0, classes, timed)
     seconds = time.perf_counter() - t0
     assert outcome.generated == args.images, outcome.generated
     return seconds, steady_rate(stamps)

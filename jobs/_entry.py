@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from t2id.console import RichEvents
 from t2id.config import STAGES, T2IDConfig, builtin_config, load_config
 from t2id.errors import UserError
 from t2id.runner import StageOutcome, run_pipeline, run_store
@@ -48,7 +49,7 @@ def run_job(stage: str | None, args: argparse.Namespace) -> list[StageOutcome]:
         else:
             cfg = load_config(args.config)
         only = stage or getattr(args, "only", None)
-        outcomes = run_pipeline(cfg, only=only, force=args.force)
+        outcomes = run_pipeline(cfg, only=only, force=args.force, events=RichEvents())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

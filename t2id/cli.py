@@ -16,7 +16,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from t2id import layout
+from t2id.console import RichEvents
+from t2id.data.cli import app as data_app
+from t2id.deploy.cli import register as register_deploy
 from t2id.errors import UserError
+from t2id.evaluate.cli import app as models_app
 
 app = typer.Typer(help="T2ID-CAS as resumable Ray batch jobs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -28,8 +33,11 @@ err = Console(stderr=True)
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of user errors.")] = False) -> None:
-    """T2ID-CAS: rare-class synthesis with SDXL-LoRA + class-aware sampling, as Ray jobs."""
+def _root() -> None:
+    """T2ID-CAS: rare-class synthesis with SDXL-LoRA + class-aware sampling, as Ray jobs.
+
+    Add --debug anywhere on the command line to see the traceback of an error.
+    """
 
 
 @config_app.command("validate")
@@ -60,7 +68,7 @@ def run(
     from t2id.runner import run_pipeline, run_store
 
     cfg = load_config(config)
-    run_pipeline(cfg, only=only, force=force)
+    run_pipeline(cfg, only=only, force=force, events=RichEvents(err))
     out.print(f"run '{cfg.run.id}' is at {run_store(cfg).root}")
 
 
@@ -77,25 +85,17 @@ def demo(
         "store.uri": str(store_dir / "store"),
         "store.cache_dir": str(store_dir / "cache"),
     })
-    run_pipeline(cfg)
+    run_pipeline(cfg, events=RichEvents(err))
     root = run_store(cfg)
     out.print(f"artifacts: {root.root}")
-    if root.exists("report/index.html"):
-        out.print(f"report: {root.uri('report/index.html')}")
+    if root.exists(layout.report.index_html):
+        out.print(f"report: {root.uri(layout.report.index_html)}")
 
 
-def _register_optional_commands() -> None:
-    """Stage and deployment command groups live beside their code."""
-    from t2id.data.cli import app as data_app
-    from t2id.deploy.cli import register as register_deploy
-    from t2id.evaluate.cli import app as models_app
-
-    app.add_typer(data_app, name="data")
-    app.add_typer(models_app, name="models")
-    register_deploy(app)
-
-
-_register_optional_commands()
+# Stage and deployment command groups live beside their code.
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+register_deploy(app)
 
 
 def main(argv: list[str] | None = None) -> None:

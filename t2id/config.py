@@ -8,8 +8,6 @@ the key path, the offending value and the fix, and hashes sections for stage mar
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -79,15 +77,6 @@ class T2IDConfig(Section):
     report: ReportConfig = ReportConfig()
     cluster: ClusterConfig = ClusterConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """sha256 of the named sections (plus run.seed), canonical JSON: what a stage marker compares."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        payload["run.seed"] = self.run.seed
-        return sha256_json(payload)
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 _SECRET_PATH = re.compile(r"(^|\.)(env|.*(secret|token|password|credential|access_key).*)(\.|$)", re.IGNORECASE)

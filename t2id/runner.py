@@ -1,15 +1,18 @@
 """Stage runner: run folders, `_SUCCESS.json` markers, skip-if-done, --only / --force.
 
-A stage is a module `t2id/<stage>/stage.py` exposing `STAGE: Stage`. Its marker
+A stage is a module `t2id/<stage>/stage.py` exposing `STAGE: Stage`: a `settings(cfg)` function
+that builds the stage's frozen settings model (everything it takes from the config, from any
+section), the upstream stages it reads, and `run(ctx, settings)`. Its marker
 `<run>/<stage>/_SUCCESS.json` records:
-  config_hash   sha256 of the config sections the stage reads (plus run.seed),
-  input_hashes  for each upstream stage, the digest of that stage's marker outputs; plus any
-                external inputs the stage fingerprints (e.g. the source dataset),
-  outputs       key -> sha256 of what the stage published,
-  timings       start, end, seconds.
-A stage is done when its marker exists and its config_hash and input_hashes equal the
-current ones; otherwise it runs again. The marker is written last, atomically, so a stage
-killed midway has no marker and is redone (each stage makes its own partial work reusable).
+  settings_hash  sha256 of the settings model (and the settings themselves, for reading),
+  input_hashes   for each upstream stage, the digest of that stage's marker outputs; plus the
+                 external inputs the stage declares (e.g. the source dataset's fingerprint),
+  outputs        key -> sha256 of what the stage published,
+  timings        start, end, seconds.
+A stage is done when its marker exists and its settings_hash and input_hashes equal the current
+ones; otherwise it runs again. No stage sees the whole config, so a value changes exactly the
+stages whose settings hold it. The marker is written last, atomically, so a stage killed midway
+has no marker and is redone (each stage makes its partial work reusable with t2id.resume).
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from rich.console import Console
-
-from t2id import __version__
-from t2id.config import STAGES, T2IDConfig, dump_config, sha256_json
+from t2id import __version__, layout
+from t2id.cluster_config import ClusterConfig
+from t2id.config import STAGES, T2IDConfig, dump_config
+from t2id.configbase import StageSettings
 from t2id.errors import UserError
+from t2id.events import Events, LogEvents
+from t2id.hashing import sha256_json
 from t2id.store import Store, store_from_config
 
-MARKER = "_SUCCESS.json"
-console = Console(stderr=True)
+MARKER = layout.MARKER
+S = TypeVar("S", bound=StageSettings)
 
 
 @dataclass
@@ -43,26 +48,27 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    config: T2IDConfig
+    """Where and how a stage runs; nothing here changes what it produces (that is its settings)."""
+
     store: Store  # the run's store: <store>/<run_id>/
     stage: str
     cache_dir: Path  # local scratch and caches (materialized datasets, models)
-    enabled: frozenset[str] = frozenset()  # stages this run executes (configured and available)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # how to reach Ray
+    endpoint_url: str | None = None  # S3 endpoint for URIs outside the run store (weights, sources)
+    events: Events = field(default_factory=LogEvents)
+    force: bool = False  # --force covers this stage: ignore its unit memos (t2id.resume)
 
     def marker(self, stage: str) -> dict[str, Any] | None:
         return read_marker(self.store, stage)
 
-    def stage_enabled(self, stage: str) -> bool:
-        return stage in self.enabled
-
 
 @dataclass(frozen=True)
-class Stage:
+class Stage(Generic[S]):
     name: str
-    sections: tuple[str, ...]  # config sections whose values change the outputs
+    settings: Callable[[T2IDConfig], S]  # everything the stage takes from the config
     depends_on: tuple[str, ...]  # upstream stages whose outputs this stage reads (when enabled)
-    run: Callable[[StageContext], StageResult]
-    fingerprint: Callable[[StageContext], dict[str, str]] | None = None  # external inputs
+    run: Callable[[StageContext, S], StageResult]
+    external_inputs: Callable[[StageContext, S], dict[str, str]] | None = None  # e.g. the source dataset
 
 
 def _module_name(stage: str) -> str:
@@ -80,7 +86,7 @@ def load_stages() -> dict[str, Stage]:
 
 
 def read_marker(store: Store, stage: str) -> dict[str, Any] | None:
-    key = f"{stage}/{MARKER}"
+    key = layout.marker(stage)
     if not store.exists(key):
         return None
     return json.loads(store.read_text(key))
@@ -90,20 +96,25 @@ def outputs_digest(marker: dict[str, Any]) -> str:
     return sha256_json(marker["outputs"])
 
 
-def expected_identity(stage: Stage, ctx: StageContext) -> dict[str, Any]:
-    """What the marker must hold for the stage to count as done with the current config and inputs."""
+def settings_hash(settings: StageSettings) -> str:
+    return sha256_json(settings.model_dump(mode="json"))
+
+
+def expected_identity(stage: Stage, settings: StageSettings, ctx: StageContext,
+                      enabled: frozenset[str]) -> dict[str, Any]:
+    """What the marker must hold for the stage to count as done with the current settings and inputs."""
     inputs: dict[str, str] = {}
     for upstream in stage.depends_on:
-        if not ctx.stage_enabled(upstream):
+        if upstream not in enabled:
             continue
         marker = ctx.marker(upstream)
         if marker is None:
             raise UserError(f"stage '{stage.name}' needs stage '{upstream}' first: run `t2id run CONFIG` "
                             f"or `t2id run CONFIG --only {upstream}`")
         inputs[f"stage:{upstream}"] = outputs_digest(marker)
-    if stage.fingerprint is not None:
-        inputs.update(stage.fingerprint(ctx))
-    return {"config_hash": ctx.config.section_hash(*stage.sections), "input_hashes": inputs}
+    if stage.external_inputs is not None:
+        inputs.update(stage.external_inputs(ctx, settings))
+    return {"settings_hash": settings_hash(settings), "input_hashes": inputs}
 
 
 def run_store(config: T2IDConfig) -> Store:
@@ -123,12 +134,14 @@ class StageOutcome:
 
 
 def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None = None,
-                 stages: dict[str, Stage] | None = None) -> list[StageOutcome]:
+                 stages: dict[str, Stage] | None = None, events: Events | None = None) -> list[StageOutcome]:
     """Run the configured stages in order, skipping those whose marker matches.
 
-    `stages` defaults to every stage module of this installation (tests pass their own).
+    `stages` defaults to every stage module of this installation (tests pass their own);
+    `events` defaults to log records (the CLI passes its console).
     """
     stages = load_stages() if stages is None else stages
+    events = events or LogEvents()
     enabled = [s for s in config.run.stages if s in stages]
     for name, flag in ((only, "--only"), (force, "--force")):
         if name is not None and name not in STAGES:
@@ -139,32 +152,35 @@ def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None 
     forced = set(enabled[enabled.index(force):]) if force else set()
 
     store = run_store(config)
-    store.write_text("config.yaml", dump_config(config))
+    store.write_text(layout.CONFIG, dump_config(config))
     cache_dir = Path(config.store.cache_dir).expanduser()
     outcomes = []
     for name in selected:
         stage = stages[name]
-        ctx = StageContext(config=config, store=store, stage=name, cache_dir=cache_dir, enabled=frozenset(enabled))
-        identity = expected_identity(stage, ctx)
+        settings = stage.settings(config)
+        ctx = StageContext(store=store, stage=name, cache_dir=cache_dir, cluster=config.cluster,
+                           endpoint_url=config.store.endpoint_url, events=events, force=name in forced)
+        identity = expected_identity(stage, settings, ctx, frozenset(enabled))
         marker = ctx.marker(name)
         if name not in forced and marker is not None and all(marker.get(k) == v for k, v in identity.items()):
-            console.print(f"[green]✓[/] {name}: up to date, skipped")
+            events.stage_skipped(name)
             outcomes.append(StageOutcome(name, "skipped", 0.0, marker.get("summary", {})))
             continue
-        console.print(f"[bold]▶ {name}[/]: running")
-        store.delete(f"{name}/{MARKER}")  # a stage being redone is not done until it says so again
+        events.stage_started(name)
+        store.delete(layout.marker(name))  # a stage being redone is not done until it says so again
         started, t0 = _now(), time.perf_counter()
-        result = stage.run(ctx)
+        result = stage.run(ctx, settings)
         seconds = time.perf_counter() - t0
         new_marker = {
             "stage": name,
             **identity,
+            "settings": settings.model_dump(mode="json"),
             "outputs": result.outputs,
             "summary": result.summary,
             "timings": {"started_at": started, "finished_at": _now(), "seconds": round(seconds, 3)},
             "t2id_version": __version__,
         }
-        store.write_text(f"{name}/{MARKER}", json.dumps(new_marker, indent=2, sort_keys=True))
-        console.print(f"[green]✓[/] {name}: done in {seconds:.1f}s")
+        store.write_text(layout.marker(name), json.dumps(new_marker, indent=2, sort_keys=True, default=str))
+        events.stage_finished(name, seconds, result.summary)
         outcomes.append(StageOutcome(name, "ran", seconds, result.summary))
     return outcomes

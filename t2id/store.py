@@ -22,6 +22,7 @@ import tempfile
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -220,9 +221,6 @@ class LocalStore(Store):
 class S3Store(Store):
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
                  max_attempts: int = 8) -> None:
-        import boto3
-        from botocore.config import Config
-
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         if not bucket:
             raise UserError(f"store.uri {uri!r}: expected s3://bucket[/prefix]")
@@ -231,13 +229,7 @@ class S3Store(Store):
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self.region = region
         self.max_attempts = max_attempts
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=region,
-            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
-                          s3={"addressing_style": "path"} if self.endpoint_url else None),
-        )
+        self._client = s3_client(self.endpoint_url, region, max_attempts)
 
     def __reduce__(self):  # picklable for Ray tasks: rebuild the client on the other side
         return (S3Store, (self.uri(), self.endpoint_url, self.region, self.max_attempts))
@@ -308,10 +300,21 @@ class S3Store(Store):
         keys = []
         for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return sorted(keys)
+        # Folder markers ("a/b/", written by pyarrow for Ray Train/Tune) are not objects of the run.
+        return sorted(k for k in keys if not k.endswith("/"))
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under the folder `prefix`, folder markers included; returns the count."""
+        folder = self._key(prefix.strip("/")) + "/"
+        count = 0
+        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+            for obj in page.get("Contents", []):
+                self._client.delete_object(Bucket=self.bucket, Key=obj["Key"])
+                count += not obj["Key"].endswith("/")
+        return count
 
     def sha256(self, key: str) -> str:
         head = self._head(key)
@@ -319,6 +322,42 @@ class S3Store(Store):
             raise ObjectNotFound(f"{self.uri(key)} does not exist")
         recorded = head.get("Metadata", {}).get("sha256")
         return recorded or sha256_bytes(self.read_bytes(key))
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 8):
+    """The one boto3 S3 client factory (store, model and dataset sources alike): endpoint from the
+    argument or AWS_ENDPOINT_URL, path-style addressing for custom endpoints (MinIO, moto), standard
+    retries with backoff."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                                      s3={"addressing_style": "path"} if endpoint else None))
+
+
+def ray_storage(store: Store, key: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train/Tune's RunConfig under `<store>/<key>`.
+
+    On S3 the filesystem carries the store's endpoint (MinIO, moto, ...), since pyarrow does not read
+    AWS_ENDPOINT_URL by itself, and its region (else AWS_REGION / AWS_DEFAULT_REGION); the path is
+    then bucket/key without the scheme, as Ray expects with a custom filesystem.
+    """
+    if isinstance(store, LocalStore):
+        return str(Path(store.uri(key)).resolve()), None
+    if isinstance(store, S3Store):
+        from pyarrow import fs as pafs
+
+        kwargs: dict[str, Any] = {}
+        if store.endpoint_url:
+            scheme, _, host = store.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = store.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return store.uri(key).removeprefix("s3://"), pafs.S3FileSystem(**kwargs)
+    raise TypeError(f"unsupported store {type(store).__name__}")
 
 
 def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None,

@@ -90,15 +90,6 @@ def test_overrides_apply_dotted_keys(tmp_path):
     assert cfg.store.uri == "/tmp/elsewhere"
 
 
-def test_section_hash_changes_only_with_its_sections():
-    base = validate_config({})
-    changed = validate_config({"lora": {"rank": 3}})
-    assert base.section_hash("data") == changed.section_hash("data")
-    assert base.section_hash("lora") != changed.section_hash("lora")
-    reseeded = validate_config({"run": {"seed": 7}})
-    assert base.section_hash("data") != reseeded.section_hash("data")
-
-
 def test_errors_never_echo_values_that_may_be_credentials(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, "cluster:\n  env:\n    AWS_SECRET_ACCESS_KEY: hunter2-secret\n"))

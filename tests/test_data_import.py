@@ -14,11 +14,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from t2id import layout
 from t2id.config import validate_config
-from t2id.data.manifest import (CLASSES_KEY, FIGURE_KEY, IMAGE_SCHEMA, MANIFEST_KEY, QUARANTINE_KEY, STATS_KEY,
-                                image_id_of)
+from t2id.data.manifest import IMAGE_SCHEMA, image_id_of
 from t2id.data.phantom import write_phantom
-from t2id.data.validate import parse_label, scan_dataset
+from t2id.data.validate import decode_check, parse_label, scan_dataset
 from t2id.errors import UserError
 from t2id.data.stage import STAGE as DATA_STAGE
 from t2id.runner import run_pipeline as _run_pipeline
@@ -144,6 +144,23 @@ def test_every_defect_is_named_and_edge_cases_pass(corrupt):
     assert "image images/s3_class.png not imported" in reasons["labels/s3_class.txt"]
 
 
+def test_decode_check_rejects_damaged_files_with_a_reason():
+    ok, png = cv2.imencode(".png", _noise(40, 40, seed=9))
+    png = png.tobytes()
+    assert decode_check(png, ".png") == (40, 40)
+    flipped = bytearray(png)
+    flipped[png.index(b"IDAT") + 40] ^= 0xFF  # a flipped byte inside the pixel data: its chunk CRC fails
+    ok, jpg = cv2.imencode(".jpg", _noise(30, 50, 3, seed=4))
+    jpg = jpg.tobytes()
+    damaged = {"flipped": (bytes(flipped), ".png"), "truncated": (png[: len(png) // 2], ".png"),
+               "not an image": (b"\x89PNG\r\n\x1a\n garbage", ".png"), "empty": (b"", ".png"),
+               "truncated jpeg": (jpg[: len(jpg) // 2], ".jpg")}
+    for name, (data, ext) in damaged.items():
+        reason = decode_check(data, ext)
+        assert isinstance(reason, str) and reason.startswith("undecodable image"), (name, reason)
+        assert reason == decode_check(data, ext) and "0x" not in reason  # reproducible quarantine rows
+
+
 def test_subject_map_variants(corrupt, tmp_path):
     rows = ["image,subject"] + [f"{p},{p.split('/')[1].split('_')[0]}" for p in VALID]
     (tmp_path / "map.csv").write_text("\n".join(rows) + "\n")
@@ -214,25 +231,25 @@ def test_data_stage_imports_quarantines_and_skips(corrupt, tmp_path):
     outcomes = run_pipeline(cfg, only="data")
     assert outcomes[0].status == "ran"
     store = run_store(cfg)
-    manifest = store.read_table(MANIFEST_KEY)
+    manifest = store.read_table(layout.data.manifest)
     assert manifest.schema.equals(IMAGE_SCHEMA)
     assert manifest.num_rows == len(VALID)
     for row in manifest.to_pylist():
         key = store.key_of(row["uri"])
-        assert key == f"data/images/{row['image_id']}{Path(key).suffix}"
+        assert key == layout.data.image(row["image_id"], Path(key).suffix)
         assert store.sha256(key) == row["sha256"] and row["image_id"] == image_id_of(row["sha256"])
-    quarantine = store.read_table(QUARANTINE_KEY).to_pylist()
+    quarantine = store.read_table(layout.data.quarantine).to_pylist()
     assert {r["path"] for r in quarantine} == set(DEFECTS)
-    assert json.loads(store.read_text(CLASSES_KEY)) == {"names": NAMES}
-    stats = {r["name"]: r for r in store.read_table(STATS_KEY).to_pylist()}
+    assert json.loads(store.read_text(layout.data.classes)) == {"names": NAMES}
+    stats = {r["name"]: r for r in store.read_table(layout.data.stats).to_pylist()}
     assert stats["b"]["instances"] == 3 and stats["c"]["images"] == 2
-    assert store.read_bytes(FIGURE_KEY)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert store.read_bytes(layout.data.class_distribution)[:8] == b"\x89PNG\r\n\x1a\n"
     assert _tree_digest(corrupt) == before
     # unchanged config and source: skipped; a changed source file: imported again
     assert run_pipeline(cfg, only="data")[0].status == "skipped"
     (corrupt / "labels" / "orphan.txt").unlink()
     assert run_pipeline(cfg, only="data")[0].status == "ran"
-    assert len(store.read_table(QUARANTINE_KEY)) == len(DEFECTS) - 1
+    assert len(store.read_table(layout.data.quarantine)) == len(DEFECTS) - 1
 
 
 def test_strict_import_fails_naming_the_files(corrupt, tmp_path):
@@ -259,10 +276,10 @@ def test_import_from_s3_into_s3_store(s3_server, s3_bucket, tmp_path):
     outcomes = run_pipeline(cfg)
     assert [o.status for o in outcomes] == ["ran", "ran"]
     store = run_store(cfg)
-    manifest = store.read_table(MANIFEST_KEY)
+    manifest = store.read_table(layout.data.manifest)
     assert manifest.num_rows == 6 and set(manifest["group"].to_pylist()) == {"s00", "s01"}
-    assert all(u.startswith(f"s3://{s3_bucket}/runs/r-s3/data/images/") for u in manifest["uri"].to_pylist())
-    assert store.read_table(QUARANTINE_KEY).num_rows == 0
+    assert all(u.startswith(f"s3://{s3_bucket}/runs/r-s3/{layout.data.images}/") for u in manifest["uri"].to_pylist())
+    assert store.read_table(layout.data.quarantine).num_rows == 0
     assert [o.status for o in run_pipeline(cfg)] == ["skipped", "skipped"]
     # an object changed upstream changes the fingerprint: the import runs again, and split after it
     label_key = "datasets/ph/labels/s00_f000.txt"
@@ -271,5 +288,18 @@ def test_import_from_s3_into_s3_store(s3_server, s3_bucket, tmp_path):
     assert without_straps != text
     client.put_object(Bucket=s3_bucket, Key=label_key, Body=without_straps.encode())
     assert [o.status for o in run_pipeline(cfg)] == ["ran", "ran"]
-    straps = sum(b["class_id"] == 3 for boxes in store.read_table(MANIFEST_KEY)["boxes"].to_pylist() for b in boxes)
+    straps = sum(b["class_id"] == 3 for boxes in store.read_table(layout.data.manifest)["boxes"].to_pylist() for b in boxes)
     assert straps == sum(b["class_id"] == 3 for boxes in manifest["boxes"].to_pylist() for b in boxes) - 2
+
+
+def test_validation_is_unaffected_by_ultralytics_patching_pillow():
+    # ultralytics replaces PIL.Image.open on import with a wrapper that tries to install pi-heif for any
+    # file Pillow cannot identify; in a process that trains detectors, validation must still quarantine.
+    import PIL.Image
+    import ultralytics.utils.patches  # noqa: F401  (installs the patch)
+
+    from t2id.data.validate import decode_check
+
+    assert PIL.Image.open is not ultralytics.utils.patches._image_open  # the patch is really active here
+    assert decode_check(b"not an image at all", ".png") == "undecodable image: not a valid PNG file"
+    assert decode_check(b"\xff\xd8\xff garbage", ".jpg").startswith("undecodable image:")

@@ -12,10 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
+from ultralytics.data.augment import CopyPaste, CutMix, MixUp, Mosaic
 
+from t2id import layout
 from t2id.data.config import PAPER_CLASSES
 from t2id.data.importer import copy_images
-from t2id.data.manifest import CLASSES_KEY, FOLDS_KEY, FOLDS_SCHEMA, MANIFEST_KEY, image_id_of
+from t2id.data.manifest import FOLDS_SCHEMA, image_id_of
 from t2id.data.materialize import materialize_fold
 from t2id.data.phantom import write_phantom
 from t2id.data.validate import scan_dataset
@@ -61,11 +63,11 @@ def phantom_run(tmp_path_factory):
     scan = scan_dataset(root)
     store = open_store(str(base / "store"))
     manifest = copy_images(scan, store)
-    store.write_table(MANIFEST_KEY, manifest)
-    store.write_text(CLASSES_KEY, json.dumps({"names": scan.names}))
+    store.write_table(layout.data.manifest, manifest)
+    store.write_text(layout.data.classes, json.dumps({"names": scan.names}))
     groups = sorted(set(manifest["group"].to_pylist()))
     fold_of = {g: i % 2 for i, g in enumerate(groups)}
-    store.write_table(FOLDS_KEY, pa.table({
+    store.write_table(layout.split.folds, pa.table({
         "image_id": manifest["image_id"],
         "fold": pa.array([fold_of[g] for g in manifest["group"].to_pylist()], pa.int32()),
         "group": manifest["group"],
@@ -75,7 +77,7 @@ def phantom_run(tmp_path_factory):
     rows = []
     for i, png in enumerate(sorted((synth_root / "images").glob("*.png"))):
         digest = sha256_file(png)
-        key = f"generate/fold=0/images/tracheal-ring/{png.name}"
+        key = layout.generate.image(0, "tracheal ring", png.stem)
         store.write_file(key, png)
         label_lines = (synth_root / "labels" / f"{png.stem}.txt").read_text().splitlines()
         boxes = [dict(zip(("class_id", "x", "y", "w", "h"), (int(v[0]), *map(float, v[1:]))))
@@ -86,6 +88,18 @@ def phantom_run(tmp_path_factory):
     cache = base / "cache"
     fold = materialize_fold(store, 0, cache)
     return {"store": store, "cache": cache, "fold": fold, "synthetic": synthetic, "base": base}
+
+
+def _walk(transform, seen=None):
+    """Every transform of a pipeline: nested Composes and mix transforms' pre_transforms included."""
+    seen = set() if seen is None else seen
+    if id(transform) in seen:
+        return
+    seen.add(id(transform))
+    yield transform
+    for child in [*getattr(transform, "transforms", []), getattr(transform, "pre_transform", None)]:
+        if child is not None:
+            yield from _walk(child, seen)
 
 
 def _train_images(run_dir: Path) -> int:
@@ -150,10 +164,10 @@ def test_every_preset_trains_one_epoch_and_reports_six_classes(phantom_run, name
     assert all(r["fold"] == 0 and r["strategy"] == name for r in rows)
 
     # outputs in the run store
-    prefix = f"grid/fold=0/strategy={name}"
-    saved = json.loads(store.read_text(f"{prefix}/metrics.json"))
+    saved = json.loads(store.read_text(layout.grid.trial_metrics(0, name)))
     assert saved["per_class"].keys() == set(PAPER_CLASSES) and saved["fold"] == 0
-    assert store.sha256(f"{prefix}/best.pt") == sha256_file(result.best_weights)
+    assert saved["best_weights"] == layout.grid.weights(0, name)
+    assert store.sha256(layout.grid.weights(0, name)) == sha256_file(result.best_weights)
 
     # the strategy reached ultralytics: synthetic images, class-weighted loss
     run_dir = result.best_weights.parent.parent.parent
@@ -191,6 +205,13 @@ def test_trainer_draws_from_the_sampler_including_mosaic_and_mixup_tiles(phantom
     assert dataset.partner_draws.sum() >= 3 * n_draws
     assert SampledMosaic in {type(t) for t in dataset.transforms.transforms[0].transforms}
     assert any(isinstance(t, SampledMixUp) for t in dataset.transforms.transforms)
+    # built with ultralytics' own arguments, shared sub-pipelines still shared, no uniform mix step left
+    pipeline = dataset.transforms.transforms
+    mosaic = next(t for t in pipeline[0].transforms if isinstance(t, SampledMosaic))
+    mixup = next(t for t in pipeline if isinstance(t, SampledMixUp))
+    assert (mosaic.imgsz, mosaic.n, mosaic.p, mixup.p) == (TINY.imgsz, 4, 1.0, 0.15)
+    assert mixup.pre_transform is pipeline[0] and mosaic.dataset is dataset
+    assert not [t for t in _walk(dataset.transforms) if type(t) in (Mosaic, MixUp, CutMix, CopyPaste)]
     # the partner distribution is the sampler's marginal, not the uniform one ultralytics uses
     before = dataset.partner_draws.copy()
     draws = np.array(dataset.draw_partners(40_000))

@@ -12,22 +12,20 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from t2id import layout
 from t2id.config import validate_config
 from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA, SYNTHETIC_SCHEMA
 from t2id.errors import UserError
-from t2id.evaluate.stage import (
-    METRICS_KEY,
-    REAL_CACHE_KEY,
-    SYN_CACHE_KEY,
-    STAGE,
-    TABLE_CSV_KEY,
-    TABLE_MD_KEY,
-    FeatureBatch,
-    _load_cache,
-    real_rows_of_class,
-)
+from t2id.evaluate import cache
+from t2id.evaluate.config import EvaluateConfig
+from t2id.evaluate.core import real_rows_of_class
+from t2id.evaluate.ray_layer import FeatureBatch
+from t2id.evaluate.stage import STAGE
 from t2id.runner import StageContext
 from t2id.store import open_store
+
+METRICS_KEY, TABLE_CSV_KEY, TABLE_MD_KEY = (layout.evaluate.metrics, layout.evaluate.table1_csv,
+                                           layout.evaluate.table1_md)
 
 NAMES = ["thyroid lobe", "tracheal ring", "vocal fold"]
 PROMPTS = {1: "High-resolution ultrasound scan of the human tracheal ring",
@@ -47,13 +45,13 @@ def _speckle(rng: np.random.Generator, bright: float = 0.0) -> bytes:
 def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthetic: int = 5) -> None:
     """data/ + split/ + generate/ artifacts as the upstream stages write them (schemas from t2id.data.manifest)."""
     rng = np.random.default_rng(0)
-    store.write_text("data/classes.json", json.dumps({"names": NAMES}))
+    store.write_text(layout.data.classes, json.dumps({"names": NAMES}))
     rows, fold_rows = [], []
     for subject in range(subjects):
         for frame in range(frames):
             data = _speckle(rng)
             sha = hashlib.sha256(data).hexdigest()
-            key = f"data/images/{sha[:16]}.png"
+            key = layout.data.image(sha[:16], ".png")
             store.write_bytes(key, data)
             # every image shows the thyroid lobe; tracheal ring in 3 of 4 frames, vocal fold in half
             boxes = [{"class_id": 0, "x": 0.5, "y": 0.5, "w": 0.2, "h": 0.2}]
@@ -62,8 +60,8 @@ def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthet
             rows.append({"image_id": sha[:16], "uri": store.uri(key), "width": SIZE, "height": SIZE,
                          "group": f"s{subject}", "source": "real", "boxes": boxes, "sha256": sha})
             fold_rows.append({"image_id": sha[:16], "fold": subject % folds, "group": f"s{subject}"})
-    store.write_table("data/manifest.parquet", pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
-    store.write_table("split/folds.parquet", pa.Table.from_pylist(fold_rows, schema=FOLDS_SCHEMA))
+    store.write_table(layout.data.manifest, pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(fold_rows, schema=FOLDS_SCHEMA))
     for fold in range(folds):
         syn = []
         for class_id in (1, 2):
@@ -72,7 +70,7 @@ def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthet
             for i in range(synthetic + 1):
                 data = _speckle(rng, bright)
                 sha = hashlib.sha256(data).hexdigest()
-                key = f"generate/fold={fold}/images/{NAMES[class_id].replace(' ', '-')}/{i:04d}.png"
+                key = layout.generate.image(fold, NAMES[class_id], f"{i:04d}")
                 store.write_bytes(key, data)
                 kept = i < synthetic  # the last one failed the quality gate: must not be counted
                 syn.append({"image_id": sha[:16], "uri": store.uri(key), "width": SIZE, "height": SIZE,
@@ -81,13 +79,16 @@ def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthet
                             "seed": i, "steps": 4, "guidance": 7.5, "scheduler": "euler", "base_model": "tiny",
                             "lora_sha256": "0" * 64, "entropy": 6.0, "std": 40.0, "clip_score": None,
                             "kept": kept, "reject_reason": None if kept else "std<=30", "label_source": None})
-        store.write_table(f"generate/fold={fold}/manifest.parquet", pa.Table.from_pylist(syn, schema=SYNTHETIC_SCHEMA))
+        store.write_table(layout.generate.manifest(fold), pa.Table.from_pylist(syn, schema=SYNTHETIC_SCHEMA))
 
 
-def _ctx(store, tmp_path, **evaluate) -> StageContext:
+def _run(store, tmp_path, force: bool = False, **evaluate):
+    """The stage as the runner calls it: its settings from a config, a context without the config."""
     cfg = validate_config({"run": {"id": "evaltest"}, "cluster": {"num_cpus": 2},
                            "evaluate": {"kid_subsets": 20, "batch_size": 8, **evaluate}})
-    return StageContext(config=cfg, store=store, stage="evaluate", cache_dir=tmp_path / "cache")
+    ctx = StageContext(store=store, stage="evaluate", cache_dir=tmp_path / "cache", cluster=cfg.cluster,
+                       endpoint_url=cfg.store.endpoint_url, force=force)
+    return STAGE.run(ctx, STAGE.settings(cfg))
 
 
 @pytest.fixture
@@ -98,8 +99,8 @@ def s3_run_store(s3_bucket, s3_server):
 def test_feature_batch_call_without_ray(tmp_path):
     store = open_store(str(tmp_path / "store"))
     build_run(store, folds=2, subjects=2, frames=1, synthetic=1)
-    syn = store.read_table("generate/fold=0/manifest.parquet").to_pylist()[:2]
-    fn = FeatureBatch(store, "tiny", "tiny", str(tmp_path / "cache"), "cpu", batch_size=4)
+    syn = store.read_table(layout.generate.manifest(0)).to_pylist()[:2]
+    fn = FeatureBatch(store, EvaluateConfig(batch_size=4), str(tmp_path / "cache"), "cpu")
     out = fn({"uri": np.array([r["uri"] for r in syn]), "prompt": np.array([r["prompt"] for r in syn]),
               "score_clip": np.array([True, False])})
     assert out["pool3"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
@@ -110,7 +111,7 @@ def test_feature_batch_call_without_ray(tmp_path):
 def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_path, ray_local):
     store = s3_run_store
     build_run(store)
-    result = STAGE.run(_ctx(store, tmp_path))
+    result = _run(store, tmp_path)
     assert set(result.outputs) == {METRICS_KEY, TABLE_CSV_KEY, TABLE_MD_KEY}
     assert all(store.sha256(k) == v for k, v in result.outputs.items())
     table = store.read_table(METRICS_KEY)
@@ -136,40 +137,55 @@ def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_
         assert 0.0 <= near["clip_score"] <= 100.0
     assert result.summary["cache_hits"] == [] and result.summary["extracted_images"] == 12 + 20
     for fold in (0, 1):
-        assert store.exists(REAL_CACHE_KEY.format(fold=fold)) and store.exists(SYN_CACHE_KEY.format(fold=fold))
+        for kind in cache.KINDS:
+            assert store.exists(layout.evaluate.features(fold, kind))
+            assert store.exists(layout.memo(layout.evaluate.cache(fold, kind)))
 
     md = store.read_text(TABLE_MD_KEY)
     assert "| tracheal ring |" in md and "16.112 / 18.184 / 30.4036" in md  # ours beside paper Table I
     assert "tracheal ring" in store.read_text(TABLE_CSV_KEY)
 
     # A rerun (e.g. other KID settings) reuses every cached feature: no Ray pass, same FID/IS/CLIP.
-    again = STAGE.run(_ctx(store, tmp_path, kid_subsets=5))
+    again = _run(store, tmp_path, kid_subsets=5)
     assert again.summary["cache_hits"] == [0, 1] and again.summary["extracted_images"] == 0
     before, after = table.to_pandas(), store.read_table(METRICS_KEY).to_pandas()
     for column in ("fid", "is_mean", "clip_score", "n_real", "n_synthetic"):
         np.testing.assert_allclose(after[column], before[column], rtol=1e-6)
 
-    # A changed image invalidates its fold's cache: the fingerprint covers every image's sha256.
-    cache_key = SYN_CACHE_KEY.format(fold=1)
-    cached = store.read_table(cache_key)
-    fingerprint = cached.schema.metadata[b"fingerprint"].decode()
-    wanted = list(zip(cached["id"].to_pylist(), cached["sha256"].to_pylist(), strict=True))
-    assert _load_cache(store, cache_key, fingerprint, wanted) is not None
-    assert _load_cache(store, cache_key, fingerprint, [(wanted[0][0], "0" * 64)] + wanted[1:]) is None
-    assert _load_cache(store, cache_key, fingerprint + "x", wanted) is None  # other weights
+    # A unit's identity covers the weights and every image's sha256: a changed image or weight misses.
+    syn = store.read_table(layout.evaluate.features(1, "synthetic"))
+    images = list(zip(syn["id"].to_pylist(), syn["sha256"].to_pylist(), strict=True))
+    weights = cache.unit_weights("synthetic", "tiny-seed0", "tiny-seed0")
+    assert cache.feature_memo(store, 1, "synthetic", weights, images).done()
+    assert not cache.feature_memo(store, 1, "synthetic", weights, [(images[0][0], "0" * 64)] + images[1:]).done()
+    assert not cache.feature_memo(store, 1, "synthetic", {**weights, "clip": "other"}, images).done()
+    assert cache.feature_memo(store, 1, "real", cache.unit_weights("real", "tiny-seed0", "other"),
+                              _real_images(store, 1)).done()  # real features never depend on CLIP
+    # A cache output that changed under its memo is not trusted: that fold's unit is extracted again.
+    store.write_table(layout.evaluate.features(1, "synthetic"), syn.slice(0, 3))
+    third = _run(store, tmp_path)
+    assert third.summary["cache_hits"] == [0] and third.summary["extracted_images"] == 10
+    # --force evaluate ignores every memo.
+    forced = _run(store, tmp_path, force=True)
+    assert forced.summary["cache_hits"] == [] and forced.summary["extracted_images"] == 12 + 20
+
+
+def _real_images(store, fold: int) -> list[tuple[str, str]]:
+    table = store.read_table(layout.evaluate.features(fold, "real"))
+    return list(zip(table["id"].to_pylist(), table["sha256"].to_pylist(), strict=True))
 
 
 def test_evaluate_stage_errors_name_what_to_fix(tmp_path):
     store = open_store(str(tmp_path / "store"))
     build_run(store, subjects=2, frames=1, synthetic=1)
     with pytest.raises(UserError, match=r"evaluate\.inception_weights: .*missing\.pt not found"):
-        STAGE.run(_ctx(store, tmp_path, inception_weights=str(tmp_path / "missing.pt")))
+        _run(store, tmp_path, inception_weights=str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match=r"evaluate\.clip_weights: .* not found"):
-        STAGE.run(_ctx(store, tmp_path, clip_weights=str(tmp_path / "no-clip")))
+        _run(store, tmp_path, clip_weights=str(tmp_path / "no-clip"))
     for fold in (0, 1):
-        store.delete(f"generate/fold={fold}/manifest.parquet")
+        store.delete(layout.generate.manifest(fold))
     with pytest.raises(UserError, match="run the generate stage first"):
-        STAGE.run(_ctx(store, tmp_path))
+        _run(store, tmp_path)
 
 
 # ------------------------------------------------------------------ `t2id models cache`
@@ -221,7 +237,7 @@ def test_models_cache_plan_follows_the_config_values(tmp_path):
 
 
 def test_small_sets_give_nan_not_errors_and_the_table_says_n_a():
-    from t2id.evaluate.stage import METRICS_SCHEMA, class_metrics, table1
+    from t2id.evaluate.core import METRICS_SCHEMA, class_metrics, table1
 
     rng = np.random.default_rng(0)
     real = rng.normal(size=(6, 2048))
@@ -235,3 +251,35 @@ def test_small_sets_give_nan_not_errors_and_the_table_says_n_a():
     csv_text, md = table1(table, "SDXL-LoRA")
     assert "| SDXL-LoRA | vocal fold | 1 | n/a |" in md and "5.54 / 17.623 / 29.8079" in md
     assert csv_text.splitlines()[0].startswith("model,class,folds,fid_mean")
+
+
+# ------------------------------------------------------------------ what re-runs the stage
+def test_settings_name_exactly_the_cross_section_inputs():
+    """evaluate's marker changes with lora.base_model (Table I's model label) and run.seed, not with
+    other lora values, and with the weights' content (external inputs), not just their path."""
+    from t2id.runner import settings_hash
+
+    def digest(**sections):
+        return settings_hash(STAGE.settings(validate_config({"run": {"id": "x"}, **sections})))
+
+    base = digest()
+    assert digest(lora={"base_model": "s3://b/models/sdxl"}) != base
+    assert digest(run={"id": "x", "seed": 7}) != base
+    assert digest(evaluate={"kid_subsets": 3}) != base
+    assert digest(lora={"epochs": 3}) == base and digest(grid={"seed": 3}) == base
+
+
+def test_weights_fingerprint_follows_content_not_path(tmp_path, s3_bucket, s3_server):
+    local = tmp_path / "inception.pth"
+    assert cache.weights_fingerprint(str(local)) == "missing"
+    local.write_bytes(b"one")
+    first = cache.weights_fingerprint(str(local))
+    local.write_bytes(b"two")
+    assert cache.weights_fingerprint(str(local)) != first
+    assert cache.weights_fingerprint("tiny") == "tiny-seed0"
+    remote = open_store(f"s3://{s3_bucket}/models", endpoint_url=s3_server)
+    remote.write_bytes("inception.pth", b"one")
+    remote.write_bytes("clip/config.json", b"{}")
+    assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/inception.pth") == remote.sha256("inception.pth")
+    assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/clip/") not in ("missing", first)
+    assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/none") == "missing"

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 from t2id.config import validate_config
-from t2id.errors import ConfigError
-from t2id.generate.plan import GenParams, PlanClass, class_slug, derive_seed, initial_plan, plan_rows, to_table
+from t2id.errors import ConfigError, UserError
+from t2id import layout
+from t2id.generate.plan import GenParams, PlanClass, derive_seed, initial_plan, plan_classes, plan_rows, to_table
+from t2id.lora.config import TargetClass
 
 PARAMS = GenParams(negative_prompt="blurry", steps=4, guidance=7.5, scheduler="euler", width=64, height=64,
                    base_model="tiny", lora_sha256="ab" * 32)
@@ -64,9 +66,17 @@ def test_params_digest_tracks_what_changes_pixels():
 
 
 def test_class_slug():
-    assert class_slug("Tracheal Ring") == "tracheal-ring"
+    assert layout.slug("Tracheal Ring") == "tracheal-ring"
     with pytest.raises(ValueError):
-        class_slug("***")
+        layout.slug("***")
+
+
+def test_plan_classes_take_ids_from_the_dataset_and_reject_unknown_names():
+    targets = [TargetClass(name="vocal fold", prompts=["fold"]), TargetClass(name="tracheal ring", prompts=["r"])]
+    names = ["a", "b", "tracheal ring", "c", "d", "vocal fold"]
+    assert plan_classes(targets, names) == [PlanClass("vocal fold", 5, ("fold",)), PlanClass("tracheal ring", 2, ("r",))]
+    with pytest.raises(UserError, match="lora.target_classes.*'vocal fold'"):
+        plan_classes(targets, ["a", "tracheal ring"])
 
 
 def test_config_rejects_size_not_multiple_of_8():
@@ -74,3 +84,28 @@ def test_config_rejects_size_not_multiple_of_8():
         validate_config({"generate": {"width": 100}})
     with pytest.raises(ConfigError, match="scheduler"):
         validate_config({"generate": {"scheduler": "nope"}})
+
+
+# --- settings: what generate takes from other sections -------------------------------------------------
+
+def test_settings_name_cross_section_inputs_only_when_they_change_the_images():
+    from t2id.generate.settings import settings
+    from t2id.runner import settings_hash
+
+    base = {"run": {"stages": ["data", "split", "lora", "generate"]}, "lora": {"folds": [1]}}
+    s = settings(validate_config(base))
+    assert s.use_adapter and s.folds == [1] and s.folds_field == "lora.folds"  # only folds with an adapter
+    assert s.clip_weights is None  # no CLIP gate: evaluate.clip_weights does not matter ...
+    other_clip = validate_config({**base, "evaluate": {"clip_weights": "/elsewhere"}})
+    assert settings_hash(settings(other_clip)) == settings_hash(s)  # ... so changing it re-runs nothing
+    gated = {**base, "generate": {"quality": {"min_clip_score": 20}}}
+    assert settings(validate_config(gated)).clip_weights == "tiny"
+    assert settings_hash(settings(validate_config({**gated, "evaluate": {"clip_weights": "/elsewhere"}}))) != \
+        settings_hash(settings(validate_config(gated)))
+    for changed in ({"run": {**base["run"], "seed": 1}}, {"lora": {"folds": [1], "base_model": "/other"}},
+                    {"lora": {"folds": [1], "target_classes": [{"name": "vocal fold", "prompts": ["new"]}]}}):
+        assert settings_hash(settings(validate_config({**base, **changed}))) != settings_hash(s), changed
+    assert settings_hash(settings(validate_config({**base, "lora": {"folds": [1], "epochs": 3}}))) == \
+        settings_hash(s)  # a training knob changes the adapter (an input hash), not generate's settings
+    no_lora = settings(validate_config({"run": {"stages": ["data", "split", "generate"]}, "lora": {"folds": [1]}}))
+    assert not no_lora.use_adapter and no_lora.folds is None and no_lora.folds_field == "generate.folds"

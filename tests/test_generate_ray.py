@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,18 @@ import pytest
 import ray
 import torch
 
+from t2id import layout
+from t2id.configbase import StageSettings
 from t2id.generate.config import GenerateConfig
+from t2id.generate.core import LocalExecutor, generate_fold, worker_batch
 from t2id.generate.plan import GenParams, PlanClass, initial_plan
-from t2id.generate.run import FoldJob, LocalExecutor, generate_fold, manifest_key
+from t2id.generate.ray_layer import run_ray
+from t2id.generate.settings import GenerateSettings
 from t2id.generate.worker import ImageGenerator
+from t2id.lora.config import TargetClass
 from t2id.store import open_store, sha256_bytes
 
-ADAPTER_KEY = "lora/fold=0/pytorch_lora_weights.safetensors"
+ADAPTER_KEY = layout.lora.adapter(0)
 CLASSES = [PlanClass("tracheal ring", 2, ("ultrasound of the tracheal ring",)),
            PlanClass("vocal fold", 5, ("ultrasound of the vocal fold",))]
 
@@ -57,25 +63,43 @@ def tiny(tmp_path_factory) -> dict:
     return {"cache": cache, "adapter": adapter}
 
 
-def gen_cfg(**kw) -> GenerateConfig:
+def gen_settings(classes=CLASSES, use_adapter: bool = True, **kw) -> GenerateSettings:
     base = dict(images_per_class=3, width=64, height=64, steps=2, batch_size=2, concurrency=2,
                 quality={"min_std": 0, "min_entropy": 0})
-    return GenerateConfig(**{**base, **kw})
+    g = GenerateConfig(**{**base, **kw})
+    return GenerateSettings(generate=g, target_classes=[TargetClass(name=c.name, prompts=list(c.prompts))
+                                                        for c in classes],
+                            base_model="tiny", allow_network=False, run_seed=0, use_adapter=use_adapter, folds=None,
+                            clip_weights="tiny" if g.quality.min_clip_score is not None else None)
 
 
-def make_job(store, tiny, cfg: GenerateConfig, classes=CLASSES) -> FoldJob:
+def with_adapter(store, tiny):
     if not store.exists(ADAPTER_KEY):
         store.write_file(ADAPTER_KEY, tiny["adapter"])
-    return FoldJob(store=store, fold=0, classes=classes, run_seed=0, cfg=cfg, base_model="tiny",
-                   cache_dir=str(tiny["cache"]), adapter_key=ADAPTER_KEY)
+    return store
+
+
+def local_executor(store, s: GenerateSettings, tiny) -> LocalExecutor:
+    """One in-process worker (no Ray), loaded once and reused by every call it serves."""
+    worker = ImageGenerator(s, with_adapter(store, tiny), 0, str(tiny["cache"]), torch_threads=1)
+    return LocalExecutor(worker, s.generate.batch_size)
+
+
+def ray_executor(store, s: GenerateSettings, tiny, worker_cls: type = ImageGenerator):
+    return partial(run_ray, worker_cls=worker_cls, settings=s, store=with_adapter(store, tiny), fold=0,
+                   g=s.generate, cache_dir=str(tiny["cache"]))
+
+
+def generate(store, s: GenerateSettings, executor, classes=CLASSES):
+    return generate_fold(store, s, 0, classes, executor)
 
 
 def assert_store_equals_plan(store, outcome) -> None:
     """No gaps, no duplicates, no strays; every PNG matches its manifest checksum."""
-    manifest = store.read_table(manifest_key(0)).to_pylist()
+    manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     plan_keys = [r["key"] for r in outcome.plan]
     assert len(plan_keys) == len(set(plan_keys)) == len(manifest)
-    listed = [k for k in store.list("generate/fold=0/images") if k.endswith(".png")]
+    listed = [k for k in store.list(layout.generate.images(0)) if k.endswith(".png")]
     assert sorted(listed) == sorted(plan_keys)
     for row in manifest:
         data = store.read_bytes(store.key_of(row["uri"]))
@@ -83,31 +107,25 @@ def assert_store_equals_plan(store, outcome) -> None:
         assert row["source"] == "synthetic" and row["fold"] == 0 and row["lora_sha256"]
 
 
-def plan_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    cols = ("key", "record_key", "params_digest", "prompt", "negative_prompt", "seed")
-    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c == "seed" else object) for c in cols}
-
-
 def test_callable_class_without_ray_same_seed_same_image(tmp_path, tiny):
     """__call__ directly: PNGs + records written; an image depends only on its seed, not its batch."""
-    store = open_store(str(tmp_path / "store"))
-    store.write_file(ADAPTER_KEY, tiny["adapter"])
-    lora_sha = store.sha256(ADAPTER_KEY)
-    params = GenParams("", 2, 7.5, "euler", 64, 64, "tiny", lora_sha)
+    store = with_adapter(open_store(str(tmp_path / "store")), tiny)
+    s = gen_settings(CLASSES[:1], quality={"min_std": 30, "min_entropy": 4.7})
+    params = GenParams("", 2, 7.5, "euler", 64, 64, "tiny", store.sha256(ADAPTER_KEY))
     rows = initial_plan(0, 0, CLASSES[:1], params, 3)
-    gen = ImageGenerator(store, "tiny", str(tiny["cache"]), ADAPTER_KEY, lora_sha, "euler", 2, 7.5, 64, 64,
-                         gate={"min_std": 30, "min_entropy": 4.7}, torch_threads=1)
+    gen = ImageGenerator(s, store, 0, str(tiny["cache"]), torch_threads=1)
 
-    out = gen(plan_batch(rows))
+    out = gen(worker_batch(rows, ImageGenerator.PLAN_COLUMNS))
     assert list(out["key"]) == [r["key"] for r in rows]
     for row, sha in zip(rows, out["sha256"]):
         assert store.sha256(row["key"]) == sha
         record = json.loads(store.read_text(row["record_key"]))
         assert record["sha256"] == sha and record["params_digest"] == row["params_digest"]
+        assert record["lora_sha256"] == params.lora_sha256 and record["base_model"] == "tiny"
     three = [store.read_bytes(r["key"]) for r in rows]
     assert len(set(three)) == 3  # different seeds, different images
 
-    alone = gen(plan_batch(rows[1:2]))  # the middle row on its own
+    alone = gen(worker_batch(rows[1:2], ImageGenerator.PLAN_COLUMNS))  # the middle row on its own
     assert alone["sha256"][0] == out["sha256"][1]
 
     # Batched pipeline calls: same latents per seed; float rounding may move a pixel by one grey level.
@@ -116,22 +134,22 @@ def test_callable_class_without_ray_same_seed_same_image(tmp_path, tiny):
     single = gen.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])
     assert np.abs(batched[1].astype(int) - single[0].astype(int)).max() <= 1
 
-    # The adapter matters: the base model alone draws a different image from the same seed.
-    base = ImageGenerator(store, "tiny", str(tiny["cache"]), None, "", "euler", 2, 7.5, 64, 64,
-                          gate={"min_std": 30, "min_entropy": 4.7}, torch_threads=1)
+    # The adapter matters: the base model alone (lora not in run.stages) draws a different image.
+    base = ImageGenerator(gen_settings(CLASSES[:1], use_adapter=False), store, 0, str(tiny["cache"]), torch_threads=1)
+    assert base.provenance["lora_sha256"] == ""
     assert not np.array_equal(base.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])[0], single[0])
 
 
 def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
     """Orchestration without Ray (LocalExecutor): a PNG that no longer matches its record is redone."""
     store = open_store(str(tmp_path / "store"))
-    job = make_job(store, tiny, gen_cfg(images_per_class=2))
-    local = LocalExecutor()
-    first = generate_fold(job, show_progress=False, executor=local)
+    s = gen_settings(images_per_class=2)
+    local = local_executor(store, s, tiny)
+    first = generate(store, s, local)
     key = first.plan[0]["key"]
     good = store.read_bytes(key)
     store.write_bytes(key, b"not a png")
-    again = generate_fold(job, show_progress=False, executor=local)
+    again = generate(store, s, local)
     assert (again.generated, again.reused) == (1, 3)
     assert store.read_bytes(key) == good  # same seed, same bytes
     assert_store_equals_plan(store, again)
@@ -140,14 +158,15 @@ def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
 def test_gate_rejects_keep_records_and_top_up_to_n(tiny, tmp_path):
     """Threshold between the images' std values: some rejected, top-up rounds reach N kept."""
     store = open_store(str(tmp_path / "store"))
-    local = LocalExecutor()
-    probe = generate_fold(make_job(store, tiny, gen_cfg(images_per_class=4)), show_progress=False, executor=local)
+    probe_settings = gen_settings(images_per_class=4)
+    local = local_executor(store, probe_settings, tiny)  # the driver re-judges what the worker's gate said
+    probe = generate(store, probe_settings, local)
     stds = sorted(r["std"] for r in probe.records.values())
     threshold = (stds[2] + stds[3]) / 2  # rejects most of the first round
-    cfg = gen_cfg(images_per_class=4, max_attempts_factor=6, quality={"min_std": threshold, "min_entropy": 0})
-    outcome = generate_fold(make_job(store, tiny, cfg), show_progress=False, executor=local)
+    s = gen_settings(images_per_class=4, max_attempts_factor=6, quality={"min_std": threshold, "min_entropy": 0})
+    outcome = generate(store, s, local)
     assert outcome.reused == 8  # round 0 reused; only the gate changed
-    manifest = store.read_table(manifest_key(0)).to_pylist()
+    manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     rejected = [r for r in manifest if not r["kept"]]
     assert rejected and all(r["reject_reason"] == "std" for r in rejected)
     assert all(store.exists(store.key_of(r["uri"])) for r in rejected)  # kept on disk, recorded
@@ -156,18 +175,18 @@ def test_gate_rejects_keep_records_and_top_up_to_n(tiny, tmp_path):
         assert c.kept == 4 or c.attempted == 24, (name, c)
         assert c.shortfall == 4 - c.kept
     assert_store_equals_plan(store, outcome)
-    again = generate_fold(make_job(store, tiny, cfg), show_progress=False, executor=local)
+    again = generate(store, s, local)
     assert again.generated == 0 and again.classes == outcome.classes
 
 
 def test_impossible_gate_reports_shortfall_at_the_bound(tiny, tmp_path):
     store = open_store(str(tmp_path / "store"))
-    cfg = gen_cfg(images_per_class=2, max_attempts_factor=2,
-                  quality={"min_std": 0, "min_entropy": 8})  # 64x64 images cannot reach 8 bits
-    outcome = generate_fold(make_job(store, tiny, cfg, CLASSES[:1]), show_progress=False, executor=LocalExecutor())
+    s = gen_settings(CLASSES[:1], images_per_class=2, max_attempts_factor=2,
+                     quality={"min_std": 0, "min_entropy": 8})  # 64x64 images cannot reach 8 bits
+    outcome = generate(store, s, local_executor(store, s, tiny), CLASSES[:1])
     c = outcome.classes["tracheal ring"]
     assert (c.attempted, c.kept, c.shortfall) == (4, 0, 2)
-    manifest = store.read_table(manifest_key(0)).to_pylist()
+    manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     assert len(manifest) == 4 and {r["reject_reason"] for r in manifest} == {"entropy"}
     assert_store_equals_plan(store, outcome)
 
@@ -175,29 +194,28 @@ def test_impossible_gate_reports_shortfall_at_the_bound(tiny, tmp_path):
 def test_clip_gate_scores_each_image_and_rejects_below_threshold(tiny, tmp_path):
     """The optional CLIP gate (evaluate's ClipScorer, tiny weights): scores recorded, 'clip' rejections."""
     store = open_store(str(tmp_path / "store"))
-    cfg = gen_cfg(images_per_class=1, max_attempts_factor=2, quality={"min_std": 0, "min_entropy": 0,
-                                                                      "min_clip_score": 1000.0})  # max is 100
-    job = make_job(store, tiny, cfg, CLASSES[:1])
-    outcome = generate_fold(job, show_progress=False, executor=LocalExecutor())
-    manifest = store.read_table(manifest_key(0)).to_pylist()
+    s = gen_settings(CLASSES[:1], images_per_class=1, max_attempts_factor=2,
+                     quality={"min_std": 0, "min_entropy": 0, "min_clip_score": 1000.0})  # max is 100
+    assert s.clip_weights == "tiny"
+    outcome = generate(store, s, local_executor(store, s, tiny), CLASSES[:1])
+    manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     assert len(manifest) == 2 and outcome.classes["tracheal ring"].shortfall == 1
     assert all(r["reject_reason"] == "clip" and 0 <= r["clip_score"] <= 100 for r in manifest)
 
 
 def test_ray_data_generates_plan_once_then_nothing(ray_local, tiny, s3_bucket, s3_server):
     store = open_store(f"s3://{s3_bucket}/run", endpoint_url=s3_server)
-    job = make_job(store, tiny, gen_cfg())
-    first = generate_fold(job, show_progress=False)
+    s = gen_settings()
+    first = generate(store, s, ray_executor(store, s, tiny))
     assert first.generated == 6 and first.reused == 0
     assert_store_equals_plan(store, first)
-    manifest = store.read_table(manifest_key(0))
+    manifest = store.read_table(layout.generate.manifest(0))
     assert manifest.column("kept").to_pylist() == [True] * 6
     assert sorted(set(manifest.column("class_id").to_pylist())) == [2, 5]
 
-    second = generate_fold(job, show_progress=False)
+    second = generate(store, s, ray_executor(store, s, tiny))
     assert second.generated == 0 and second.reused == 6
-    assert store.read_table(manifest_key(0)).equals(manifest)
-
+    assert store.read_table(layout.generate.manifest(0)).equals(manifest)
 
 
 class CrashOnce(ImageGenerator):
@@ -218,8 +236,8 @@ def test_killed_actor_is_restarted_and_nothing_duplicated(ray_local, tiny, tmp_p
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
     CrashOnce.marker = str(tmp_path / "crashed")
     store = open_store(str(tmp_path / "store"))
-    job = make_job(store, tiny, gen_cfg(concurrency=1))
-    outcome = generate_fold(job, worker_cls=CrashOnce, show_progress=False)
+    s = gen_settings(concurrency=1)
+    outcome = generate(store, s, ray_executor(store, s, tiny, worker_cls=CrashOnce))
     assert Path(CrashOnce.marker).exists()  # the crash happened
     assert outcome.generated == 6
     assert_store_equals_plan(store, outcome)
@@ -227,50 +245,62 @@ def test_killed_actor_is_restarted_and_nothing_duplicated(ray_local, tiny, tmp_p
 
 DRIVER = """
 import sys, ray
+from functools import partial
 from t2id.generate.config import GenerateConfig
+from t2id.generate.core import generate_fold
 from t2id.generate.plan import PlanClass
-from t2id.generate.run import FoldJob, generate_fold
+from t2id.generate.ray_layer import run_ray
+from t2id.generate.settings import GenerateSettings
+from t2id.generate.worker import ImageGenerator
 from t2id.store import open_store
 ray.init(address=sys.argv[1], log_to_driver=False)
-cfg = GenerateConfig(images_per_class=8, width=64, height=64, steps=2, batch_size=1, concurrency=1,
-                     quality={"min_std": 0, "min_entropy": 0})
-job = FoldJob(store=open_store(sys.argv[2]), fold=0, classes=[PlanClass("vocal fold", 5, ("a vocal fold",))],
-              run_seed=0, cfg=cfg, base_model="tiny", cache_dir=sys.argv[3],
-              adapter_key="lora/fold=0/pytorch_lora_weights.safetensors")
-generate_fold(job, show_progress=False)
+g = GenerateConfig(images_per_class=8, width=64, height=64, steps=2, batch_size=1, concurrency=1,
+                   quality={"min_std": 0, "min_entropy": 0})
+s = GenerateSettings(generate=g, target_classes=[{"name": "vocal fold", "prompts": ["a vocal fold"]}],
+                     base_model="tiny", allow_network=False, run_seed=0, use_adapter=True, folds=None,
+                     clip_weights=None)
+store = open_store(sys.argv[2])
+executor = partial(run_ray, worker_cls=ImageGenerator, settings=s, store=store, fold=0, g=g, cache_dir=sys.argv[3])
+generate_fold(store, s, 0, [PlanClass("vocal fold", 5, ("a vocal fold",))], executor)
 """
 
 
 def test_killed_driver_then_rerun_completes_the_plan_exactly(ray_local, tiny, tmp_path):
-    store = open_store(str(tmp_path / "store"))
-    store.write_file(ADAPTER_KEY, tiny["adapter"])
+    store = with_adapter(open_store(str(tmp_path / "store")), tiny)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, str(script), address, store.root, str(tiny["cache"])],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = layout.generate.records(0)
     try:
         deadline = time.monotonic() + 90
-        while len(store.list("generate/fold=0/records")) < 2:
+        while len(store.list(records)) < 2:
             assert proc.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, "no image appeared within 90 s"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_before = len(store.list("generate/fold=0/records"))
-    assert 2 <= done_before < 8 and not store.exists(manifest_key(0))
+    done_before = len(store.list(records))
+    assert 2 <= done_before < 8 and not store.exists(layout.generate.manifest(0))
 
-    cfg = gen_cfg(images_per_class=8, batch_size=1, concurrency=1)
-    outcome = generate_fold(make_job(store, tiny, cfg, [PlanClass("vocal fold", 5, ("a vocal fold",))]),
-                            show_progress=False)
+    vocal_fold = [PlanClass("vocal fold", 5, ("a vocal fold",))]
+    s = gen_settings(vocal_fold, images_per_class=8, batch_size=1, concurrency=1)
+    outcome = generate(store, s, ray_executor(store, s, tiny), vocal_fold)
     assert outcome.reused >= done_before and outcome.reused + outcome.generated == 8
     assert_store_equals_plan(store, outcome)
 
 
+class NoSettings(StageSettings):
+    pass
+
+
 def test_stage_end_to_end_then_second_run_generates_nothing(ray_local, tiny, tmp_path):
     """data -> split -> (adapter) -> generate through the runner: manifest, plan, contact sheets;
-    a second run skips the stage, and a forced rerun finds every image in place."""
+    a second run skips the stage, a stage redone after its folds finished reuses them (fold memo), a
+    forced rerun finds every image in place; a cross-section value re-runs generate only when
+    generate's settings hold it."""
     import importlib
 
     from PIL import Image
@@ -278,38 +308,56 @@ def test_stage_end_to_end_then_second_run_generates_nothing(ray_local, tiny, tmp
     from t2id.config import validate_config
     from t2id.runner import Stage, StageResult, run_pipeline
 
-    def fake_lora(ctx):  # what the lora stage publishes, without training (tested in test_lora_*)
-        key = "lora/fold=0/pytorch_lora_weights.safetensors"
+    def fake_lora(ctx, s):  # what the lora stage publishes, without training (tested in test_lora_*)
+        key = layout.lora.adapter(0)
         return StageResult(outputs={key: ctx.store.write_file(key, tiny["adapter"])})
 
     stages = {n: importlib.import_module(f"t2id.{n}.stage").STAGE for n in ("data", "split", "generate")}
-    stages["lora"] = Stage(name="lora", sections=("lora",), depends_on=("data", "split"), run=fake_lora)
-    cfg = validate_config({
+    stages["lora"] = Stage(name="lora", settings=lambda cfg: NoSettings(), depends_on=("data", "split"),
+                           run=fake_lora)
+    raw = {
         "run": {"id": "gen", "stages": ["data", "split", "lora", "generate"]},
         "store": {"uri": str(tmp_path / "store"), "cache_dir": str(tiny["cache"])},
         "data": {"source": "phantom", "phantom": {"subjects": 4, "frames_per_subject": 3, "size": 64}},
         "split": {"folds": 2},
         "generate": {"images_per_class": 2, "width": 64, "height": 64, "steps": 2, "batch_size": 2,
                      "folds": [0], "contact_sheet_images": 2, "contact_sheet_thumb": 32},
-    })
+    }
+    cfg = validate_config(raw)
     first = {o.stage: o for o in run_pipeline(cfg, stages=stages)}["generate"]
     assert first.status == "ran" and first.summary["generated"] >= 4
     store = open_store(str(tmp_path / "store")).child("gen")
-    manifest = store.read_table(manifest_key(0)).to_pylist()
+    manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     per_class = first.summary["folds"]["0"]["classes"]
     for name, c in per_class.items():
         assert c["kept"] == 2 or c["attempted"] == 4, (name, c)
     assert len(manifest) == sum(c["attempted"] for c in per_class.values())
-    names = json.loads(store.read_text("data/classes.json"))["names"]
+    names = json.loads(store.read_text(layout.data.classes))["names"]
     assert {r["class_id"] for r in manifest} == {names.index("tracheal ring"), names.index("vocal fold")}
     assert all(r["base_model"] == "tiny" and r["steps"] == 2 and r["prompt"] for r in manifest)
-    for slug in ("tracheal-ring", "vocal-fold"):
-        sheet = Image.open(io.BytesIO(store.read_bytes(f"generate/fold=0/contact_sheets/{slug}.png")))
+    for class_name in ("tracheal ring", "vocal fold"):
+        sheet = Image.open(io.BytesIO(store.read_bytes(layout.generate.contact_sheet(0, class_name))))
         assert sheet.width > sheet.height  # real | synthetic side by side
-    assert not store.list("generate/fold=1")  # generate.folds: [0]
+    assert not store.list(layout.generate.fold(1))  # generate.folds: [0]
 
     again = {o.stage: o for o in run_pipeline(cfg, stages=stages)}["generate"]
     assert again.status == "skipped"
+    # A stage killed after fold 0 was done (no marker): the fold memo skips the finished fold.
+    store.delete(layout.marker("generate"))
+    redone = {o.stage: o for o in run_pipeline(cfg, stages=stages)}["generate"]
+    assert redone.status == "ran" and redone.summary["folds"]["0"]["fold_memo"] == "reused"
+    assert redone.summary["generated"] == 0
     forced = {o.stage: o for o in run_pipeline(cfg, stages=stages, force="generate")}["generate"]
-    assert forced.status == "ran" and forced.summary["generated"] == 0
-    assert store.read_table(manifest_key(0)).to_pylist() == manifest
+    assert forced.status == "ran" and forced.summary["generated"] == 0 and "fold_memo" not in forced.summary["folds"]["0"]
+    assert forced.summary["reused"] == len(manifest)  # --force re-verified every image instead
+    assert store.read_table(layout.generate.manifest(0)).to_pylist() == manifest
+
+    # evaluate.clip_weights matters only with the CLIP gate on: no re-run; a new prompt (lora section) re-runs
+    # generate alone.
+    other_clip = validate_config({**raw, "evaluate": {"clip_weights": str(tmp_path / "elsewhere")}})
+    assert {o.stage: o.status for o in run_pipeline(other_clip, stages=stages)}["generate"] == "skipped"
+    prompts = [{"name": "tracheal ring", "prompts": ["ring"]}, {"name": "vocal fold", "prompts": ["fold"]}]
+    new_prompts = validate_config({**raw, "lora": {"target_classes": prompts}})
+    statuses = {o.stage: o.status for o in run_pipeline(new_prompts, stages=stages)}
+    assert statuses == {"data": "skipped", "split": "skipped", "lora": "skipped", "generate": "ran"}
+    assert {r["prompt"] for r in store.read_table(layout.generate.manifest(0)).to_pylist()} == {"ring", "fold"}

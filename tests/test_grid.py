@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from t2id.grid.tune import TuneSettings, experiment_status, run_trials
+from t2id import layout
+from t2id.config import validate_config
+from t2id.grid.ray_layer import experiment_status, run_trials, trial_memo
+from t2id.grid.settings import settings
 from t2id.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +33,7 @@ def _count(counter_dir: str, name: str) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def counting_train(trial: dict) -> dict:
+def counting_train(trial: dict, settings, store, cache_dir) -> dict:
     """Pure stand-in for a detector training: counts its runs, fails its first `fail_times` runs."""
     Path(trial["counter_dir"]).mkdir(parents=True, exist_ok=True)
     with open(Path(trial["counter_dir"], trial["name"]), "a") as fh:
@@ -49,9 +52,17 @@ def _trials(counter_dir: Path, fail: dict[str, int] | None = None, sleep: float 
         for strategy in ("baseline", "cas"):
             name = f"fold={fold}-{strategy}"
             out.append({"name": name, "fold": fold, "strategy": strategy, "counter_dir": str(counter_dir),
-                        "fail_times": fail.get(name, 0), "sleep": sleep,
-                        "result_key": f"grid/results/{name}.json"})
+                        "fail_times": fail.get(name, 0), "sleep": sleep, "identity": {"trial": name, "version": 1}})
     return out
+
+
+def _grid_settings(**grid):
+    return settings(validate_config({"grid": grid}))
+
+
+def _run(trials, store, tmp_path, force=False, **grid):
+    return run_trials(trials, counting_train, store, _grid_settings(**grid), str(tmp_path / "cache"), force=force,
+                      verbose=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,25 +77,24 @@ def _pickle_this_module_by_value():
 
 DRIVER = textwrap.dedent("""
     # `t2id run CONFIG` with the grid's real detector training wrapped in a per-trial run counter.
-    import dataclasses, sys
+    import sys
     from pathlib import Path
-    import t2id.grid.stage as grid_stage
     from t2id.config import load_config
-    from t2id.runner import run_pipeline
+    from t2id.grid.core import detect_trial
+    from t2id.grid.stage import build_stage
+    from t2id.runner import load_stages, run_pipeline
 
     class CountingDetect:
         def __init__(self, inner, counter_dir):
             self.inner, self.counter_dir = inner, counter_dir
 
-        def __call__(self, trial):
+        def __call__(self, trial, *args):
             with open(Path(self.counter_dir, trial["name"]), "a") as fh:
                 fh.write("run\\n")
-            return self.inner(trial)
+            return self.inner(trial, *args)
 
-    counters = sys.argv[2]
-    grid_stage.STAGE = dataclasses.replace(
-        grid_stage.STAGE, run=lambda ctx: grid_stage.run(ctx, CountingDetect(grid_stage.detect_trial(ctx), counters)))
-    outcomes = run_pipeline(load_config(sys.argv[1]))
+    stages = {**load_stages(), "grid": build_stage(CountingDetect(detect_trial, sys.argv[2]))}
+    outcomes = run_pipeline(load_config(sys.argv[1]), stages=stages)
     print("RESULT", [(o.stage, o.status, o.summary.get("resumed")) for o in outcomes])
 """)
 
@@ -122,11 +132,11 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def _finished_trials(store) -> set[str]:
-    """Trials whose result a resumed grid reuses: published to grid/results/<name>-<digest>.json by the
-    trial itself when it ends (Tune's own experiment state is synced to the store only every few
-    seconds, so with fast trials it can lag behind all of them)."""
-    return {k.rsplit("/", 1)[-1].removesuffix(".json").rsplit("-", 1)[0]
-            for k in store.list("grid/results") if k.endswith(".json")}
+    """Trials whose result a resumed grid reuses: the trial itself publishes its result and then its memo
+    when it ends (Tune's own experiment state is synced to the store only every few seconds, so with
+    fast trials it can lag behind all of them)."""
+    return {f"fold={fold}-{strategy}" for fold in (0, 1) for strategy in ("baseline", "cas")
+            if store.exists(layout.memo(layout.grid.trial(fold, strategy)))}
 
 
 def _wait_finished(store, proc, at_least: int, timeout: float = 240.0) -> set[str]:
@@ -160,19 +170,19 @@ def test_killed_grid_resumes_without_rerunning_finished_trials(tmp_path):
     finally:
         _kill_tree(proc)
     assert 1 <= len(finished) < 4  # killed mid-way
-    assert not store.exists("grid/_SUCCESS.json") and not store.exists("grid/trials.parquet")
+    assert not store.exists(layout.marker("grid")) and not store.exists(layout.grid.trials)
 
     resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     line = [ln for ln in resumed.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "('grid', 'ran', True)" in line[0]  # the runner redid the stage, which restored the experiment
+    assert "('grid', 'ran', True)" in line[0]  # the runner redid the stage, which kept the finished trials
     for name in finished:
         assert _count(counters, name) == 1, f"{name} finished before the kill but trained again"
     trained = {"fold=0-baseline", "fold=0-cas", "fold=1-baseline", "fold=1-cas"}
     assert {p.name for p in counters.iterdir()} == trained
 
-    trials = pd.read_parquet(tmp_path / "store" / "grid-e2e" / "grid" / "trials.parquet")
-    classes = json.loads(store.read_text("data/classes.json"))["names"]
+    trials = store.read_table(layout.grid.trials).to_pandas()
+    classes = json.loads(store.read_text(layout.data.classes))["names"]
     assert len(trials) == 2 * 3 * (1 + len(classes))  # (fold, strategy, class) incl. "all classes"
     ok = trials[trials["status"] == "ok"]
     assert set(zip(ok["fold"], ok["strategy"])) == {(0, "baseline"), (0, "cas"), (1, "baseline"), (1, "cas")}
@@ -183,14 +193,16 @@ def test_killed_grid_resumes_without_rerunning_finished_trials(tmp_path):
     assert list(ok["class"][:1 + len(classes)]) == ["all classes", *classes]
     skipped = trials[trials["status"] == "skipped"]
     assert set(skipped["strategy"]) == {"t2id_cas"} and skipped["reason"].str.contains("label stage").all()
-    curves = pd.read_parquet(tmp_path / "store" / "grid-e2e" / "grid" / "pr_curves.parquet")
+    curves = store.read_table(layout.grid.pr_curves).to_pandas()
     assert set(zip(curves["fold"], curves["strategy"])) == set(zip(ok["fold"], ok["strategy"]))
     assert curves["recall"].between(0, 1).all()
 
     # Tune saw only our one report per trial: ultralytics' Ray Tune callback (per-epoch
-    # `metrics/mAP50-95(B)` reports) is kept out of our session by the detector trainer.
-    for name in trained:
-        lines = store.read_text(f"grid/tune/{name}/result.json").strip().splitlines()
+    # `metrics/mAP50-95(B)` reports) is kept out of our session by the detector trainer. (The resumed
+    # run's experiment holds the trials it trained: those not finished before the kill.)
+    assert set(experiment_status(store)) == trained - finished
+    for name in trained - finished:
+        lines = store.read_text(layout.grid.tune_trial_result(name)).strip().splitlines()
         assert len(lines) == 1, f"{name}: {len(lines)} reports"
         reported = json.loads(lines[0])
         assert reported["t2id_trial"] == name and reported["training_iteration"] == 1
@@ -201,7 +213,7 @@ def test_errored_trials_are_retried_up_to_max_retries(ray_local, tmp_path):
     store = open_store(str(tmp_path / "run"))
     counters = tmp_path / "counters"
     trials = [t for t in _trials(counters, fail={"fold=0-cas": 1, "fold=1-cas": 5}) if t["strategy"] == "cas"]
-    outcome = run_trials(trials, counting_train, store, TuneSettings(max_retries=1, verbose=0))
+    outcome = _run(trials, store, tmp_path, max_retries=1)
     # fold=0-cas fails once then succeeds on its retry; fold=1-cas fails its attempt and its one retry.
     assert _count(counters, "fold=0-cas") == 2
     assert _count(counters, "fold=1-cas") == 2
@@ -214,18 +226,34 @@ def test_resume_on_s3_retries_errored_and_keeps_finished(ray_local, tmp_path, s3
     store = open_store(f"s3://{s3_bucket}/runs/r1", endpoint_url=s3_server)
     counters = tmp_path / "counters"
     trials = _trials(counters, fail={"fold=1-baseline": 1})
-    first = run_trials(trials, counting_train, store, TuneSettings(max_retries=0, verbose=0))
-    assert list(first.errors) == ["fold=1-baseline"] and not first.restored
-    # Tune's experiment (state, trial folders) lives in the bucket under the run's grid/ prefix.
-    keys = store.list("grid/tune")
+    first = _run(trials, store, tmp_path, max_retries=0)
+    assert list(first.errors) == ["fold=1-baseline"] and first.reused == 0
+    # Tune's experiment (state, trial folders) and the trials' results live in the bucket under grid/.
+    keys = store.list(layout.grid.tune)
     assert any(k.endswith("tuner.pkl") for k in keys) and any("experiment_state-" in k for k in keys)
-    second = run_trials(trials, counting_train, store, TuneSettings(max_retries=0, verbose=0))
-    assert second.restored and not second.errors and len(second.results) == 4
+    assert experiment_status(store)["fold=1-baseline"] == "ERROR"
+    assert all(trial_memo(store, t).done() for t in trials if t["name"] != "fold=1-baseline")
+    second = _run(trials, store, tmp_path, max_retries=0)
+    assert second.reused == 3 and not second.errors and len(second.results) == 4
     assert _count(counters, "fold=1-baseline") == 2  # the errored trial ran again ...
     assert all(_count(counters, n) == 1 for n in ("fold=0-baseline", "fold=0-cas", "fold=1-cas"))  # ... only it
     assert set(experiment_status(store).values()) == {"TERMINATED"}
+    assert second.results["fold=1-cas"]["overall"]["map50_95"] == pytest.approx(0.11)
 
 
+def test_a_changed_identity_or_force_trains_again(ray_local, tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    counters = tmp_path / "counters"
+    trials = _trials(counters)[:2]
+    assert _run(trials, store, tmp_path).reused == 0
+    changed = [trials[0], {**trials[1], "identity": {**trials[1]["identity"], "version": 2}}]
+    again = _run(changed, store, tmp_path)
+    assert again.reused == 1 and _count(counters, trials[0]["name"]) == 1 and _count(counters, trials[1]["name"]) == 2
+    forced = _run(changed, store, tmp_path, force=True)
+    assert forced.reused == 0 and _count(counters, trials[0]["name"]) == 2 and len(forced.results) == 2
+    # A result that changed under its memo is not trusted: that trial trains again.
+    store.write_text(layout.grid.result(0, "cas"), "{}")
+    assert _run(changed, store, tmp_path).reused == 1 and _count(counters, "fold=0-cas") == 4
 
 
 def test_grid_config_checks_strategy_names():
@@ -245,35 +273,56 @@ def test_grid_config_checks_strategy_names():
 def test_plan_feeds_kept_labelled_synthetic_rows_and_records_skips(tmp_path):
     import pyarrow as pa
 
-    from t2id.config import validate_config
-    from t2id.grid.stage import plan_trials, usable_synthetic
-    from t2id.runner import StageContext
+    from t2id.grid.core import plan_trials, usable_synthetic
 
     store = open_store(str(tmp_path / "run"))
-    store.write_text("data/classes.json", json.dumps({"names": ["a", "b"]}))
-    store.write_table("split/folds.parquet", pa.Table.from_pylist(
+    store.write_text(layout.data.classes, json.dumps({"names": ["a", "b"]}))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(
         [{"image_id": f"i{i}", "fold": i % 2, "group": f"s{i}"} for i in range(4)]))
     box = {"class_id": 1, "x": 0.5, "y": 0.5, "w": 0.1, "h": 0.1}
-    store.write_table("label/fold=0/labels.parquet", pa.Table.from_pylist([
+    store.write_table(layout.label.labels(0), pa.Table.from_pylist([
         {"image_id": "s0", "kept": True, "boxes": [box]},
         {"image_id": "s1", "kept": False, "boxes": [box]},  # rejected by the gate
         {"image_id": "s2", "kept": True, "boxes": []},  # no box found
     ]))
     config = validate_config({"run": {"stages": ["data", "split", "label", "grid"]},
                               "grid": {"strategies": ["baseline", "t2id_cas"]}})
-    ctx = StageContext(config=config, store=store, stage="grid", cache_dir=tmp_path / "cache",
-                       enabled=frozenset(config.run.stages))
-    trials, skipped, folds, classes = plan_trials(ctx)
+    s = settings(config)
+    inputs = {"data": "d1", "split": "s1"}
+    trials, skipped, folds, classes = plan_trials(store, s, inputs)
     assert folds == [0, 1] and classes == ["a", "b"]
     assert {t["name"] for t in trials} == {"fold=0-baseline", "fold=0-t2id_cas", "fold=1-baseline"}
     sdxl = next(t for t in trials if t["name"] == "fold=0-t2id_cas")
-    assert sdxl["n_synthetic"] == 1 and sdxl["synthetic_key"] == "label/fold=0/labels.parquet"
+    assert sdxl["n_synthetic"] == 1 and sdxl["synthetic_key"] == layout.label.labels(0)
     assert usable_synthetic(store.read_table(sdxl["synthetic_key"]))["image_id"].to_pylist() == ["s0"]
     # fold 1 has no synthetic set: its t2id_cas trial is recorded as skipped (one row per class + all), with why.
     assert {(r["fold"], r["strategy"], r["status"]) for r in skipped} == {(1, "t2id_cas", "skipped")}
-    assert len(skipped) == 3 and "label/fold=1/labels.parquet does not exist" in skipped[0]["reason"]
-    # A result is keyed by everything it was trained from: other synthetic rows, other key.
-    store.write_table("label/fold=0/labels.parquet", pa.Table.from_pylist([{"image_id": "s9", "boxes": [box]}]))
-    again = {t["name"]: t["result_key"] for t in plan_trials(ctx)[0]}
-    assert again["fold=0-t2id_cas"] != sdxl["result_key"]
-    assert again["fold=0-baseline"] == next(t["result_key"] for t in trials if t["name"] == "fold=0-baseline")
+    assert len(skipped) == 3 and f"{layout.label.labels(1)} does not exist" in skipped[0]["reason"]
+    # A result is keyed by everything it was trained from: other synthetic rows or upstream data, other identity.
+    memo = {t["name"]: trial_memo(store, t).digest for t in trials}
+    store.write_table(layout.label.labels(0), pa.Table.from_pylist([{"image_id": "s9", "boxes": [box]}]))
+    again = {t["name"]: trial_memo(store, t).digest for t in plan_trials(store, s, inputs)[0]}
+    assert again["fold=0-t2id_cas"] != memo["fold=0-t2id_cas"] and again["fold=0-baseline"] == memo["fold=0-baseline"]
+    other_data = {t["name"]: trial_memo(store, t).digest for t in plan_trials(store, s, {**inputs, "data": "d2"})[0]}
+    assert other_data["fold=0-baseline"] != memo["fold=0-baseline"]
+    # Without the label stage the synthetic strategies are skipped with that reason.
+    no_label = settings(validate_config({"run": {"stages": ["data", "split", "grid"]},
+                                         "grid": {"strategies": ["baseline", "t2id_cas"]}}))
+    _, skipped, _, _ = plan_trials(store, no_label, inputs)
+    assert {r["strategy"] for r in skipped} == {"t2id_cas"} and "label stage is not enabled" in skipped[0]["reason"]
+
+
+def test_grid_settings_name_exactly_the_cross_section_inputs():
+    """grid's marker changes with the grid section, run.seed (unless grid.seed is set) and whether the label
+    stage runs, and with nothing else of other sections."""
+    from t2id.runner import settings_hash
+
+    def digest(**sections):
+        return settings_hash(settings(validate_config({"run": {"id": "x"}, **sections})))
+
+    base = digest()
+    assert digest(run={"id": "x", "seed": 3}) != base
+    assert digest(run={"id": "x", "stages": ["data", "split", "grid"]}) != base
+    assert digest(grid={"detector": {"epochs": 2}}) != base
+    assert digest(label={"method": "inpaint"}) == base and digest(report={"seed": 2}) == base
+    assert digest(grid={"seed": 1}, run={"id": "x", "seed": 3}) == digest(grid={"seed": 1})

@@ -12,13 +12,15 @@ import pytest
 import yaml
 from PIL import Image
 
+from t2id import layout
 from t2id.config import builtin_config, load_config, validate_config
 from t2id.data.manifest import SYNTHETIC_SCHEMA, load_fold_rows, load_manifest
 from t2id.errors import ConfigError
 from t2id.label.memorization import WORK_SIDE, grey, nearest_neighbours, score_rows
 from t2id.detect.config import DetectorConfig
+from t2id.label.settings import settings
 from t2id.label.teacher import REJECT_NOT_FOUND, PredBox, gate_boxes, train_teacher
-from t2id.runner import run_pipeline
+from t2id.runner import run_pipeline, settings_hash
 from t2id.store import open_store
 
 TRACHEAL_RING, STRAP_MUSCLE, VOCAL_FOLD = 2, 3, 5
@@ -66,6 +68,35 @@ def test_label_config_checks_and_defaults():
         validate_config({"label": {"teacher": {"sorce": "grid"}}})
     assert load_config(builtin_config("demo")).label.method == "inpaint"  # tiny SDXL draws no anatomy
     assert load_config(builtin_config("t2id-cas")).label.method == "teacher"
+    with pytest.raises(ConfigError, match="label.teacher.cpus"):
+        validate_config({"label": {"teacher": {"cpus": 0}}})
+
+
+def test_settings_hold_the_cross_section_inputs_of_the_labeler_in_use():
+    """A value of another section re-runs label exactly when the labeler in use depends on it."""
+    def digest(**sections) -> str:
+        return settings_hash(settings(validate_config(sections)))
+
+    teacher = {"method": "teacher"}
+    assert settings(validate_config({"label": teacher})).teacher_detector == validate_config({}).grid.detector
+    assert digest(label=teacher, grid={"detector": {"epochs": 3}}) != digest(label=teacher)
+    assert digest(label=teacher, generate={"steps": 3}) == digest(label=teacher)  # generate's marker covers it
+    own = {**teacher, "teacher": {"detector": {"epochs": 5}}}  # the teacher's own detector: grid's no longer matters
+    assert digest(label=own, grid={"detector": {"epochs": 3}}) == digest(label=own)
+
+    inpaint = {"method": "inpaint"}
+    assert settings(validate_config({"label": inpaint})).teacher_detector is None
+    assert digest(label=inpaint, grid={"detector": {"epochs": 3}}) == digest(label=inpaint)
+    for changed in ({"generate": {"steps": 3}}, {"lora": {"base_model": "/other"}}, {"run": {"seed": 4}},
+                    {"lora": {"target_classes": [{"name": "vocal fold", "prompts": ["a fold"]}]}}):
+        assert digest(label=inpaint, **changed) != digest(label=inpaint), changed
+    # not used by inpainting: generate.folds (label.folds picks folds), the CLIP gate, contact sheets
+    for unused in ({"generate": {"folds": [0]}}, {"generate": {"contact_sheet_thumb": 64}},
+                   {"generate": {"quality": {"min_clip_score": 10}}}, {"evaluate": {"clip_weights": "/x"}}):
+        assert digest(label=inpaint, **unused) == digest(label=inpaint), unused
+    # label.inpaint overrides generate's value: then generate's no longer matters
+    assert digest(label={**inpaint, "inpaint": {"steps": 4}}, generate={"steps": 3}) == \
+        digest(label={**inpaint, "inpaint": {"steps": 4}})
 
 
 # --- teacher gate ------------------------------------------------------------------------------------
@@ -82,10 +113,10 @@ def test_gate_keeps_confident_boxes_and_requires_the_target_class():
     assert gate_boxes(preds, VOCAL_FOLD, 0.25, False).kept  # gate off: kept with the other boxes
 
 
-def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phantom_run):
-    """A real teacher (trained on fold 0's TRAIN images only) labels a hand-made generate manifest:
-    a flat image and an other-class image must be rejected by the class-consistency gate; an exact copy
-    of a training image must be flagged as memorized."""
+def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phantom_run, ray_local):
+    """A real teacher (trained on fold 0's TRAIN images only, in a Ray task with the CPUs its settings
+    ask for) labels a hand-made generate manifest: a flat image and an other-class image must be rejected
+    by the class-consistency gate; an exact copy of a training image must be flagged as memorized."""
     tmp, store = phantom_run
     train = load_fold_rows(store, 0, "train").to_pylist()
     val_ids = set(load_fold_rows(store, 0, "val")["image_id"].to_pylist())
@@ -105,8 +136,13 @@ def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phan
         rows.append(row)
     store.write_table("generate/fold=0/manifest.parquet", pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA))
 
-    cfg = validate_config({**make_config(tmp, method="teacher", folds=[0], min_confidence=0.25)})
-    run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    cfg = validate_config({**make_config(tmp, method="teacher", folds=[0], min_confidence=0.25,
+                                         teacher={"cpus": 2})})
+    outcome = run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    facts = outcome[0].summary["folds"]["0"]
+    # Ray work, not the driver: the task held the 2 CPUs of label.teacher.cpus (default 1) and no GPU.
+    assert facts["teacher_resources"]["CPU"] == 2 and "GPU" not in facts["teacher_resources"]
+    assert facts["teacher_weights"] == "trained" and facts["teacher_device"] == "cpu"
 
     labels = store.read_table("label/fold=0/labels.parquet")
     for column in (*SYNTHETIC_SCHEMA.names, "confidence", "nn_similarity", "memorized", "nn_image_id"):
@@ -129,13 +165,34 @@ def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phan
     assert train_files and not train_files & val_ids
     assert store.exists("label/fold=0/teacher/best.pt") and store.exists("label/memorization_hist.png")
 
-    # A rerun reuses the trained teacher (same data, settings, seed) instead of training again.
+    # A rerun reuses the trained teacher (same data, settings, seed: its memo) instead of training again.
     sentinel = teacher_yaml.parent / "sentinel"
     sentinel.write_text("a retrain would wipe this folder")
     weights_sha = store.sha256("label/fold=0/teacher/best.pt")
     detector = DetectorConfig(**TINY_DETECTOR)
-    assert train_teacher(store, 0, detector, tmp / "cache", seed=0) == "label/fold=0/teacher/best.pt"
+    assert train_teacher(store, 0, detector, tmp / "cache", seed=0) == ("label/fold=0/teacher/best.pt", True)
     assert sentinel.exists() and store.sha256("label/fold=0/teacher/best.pt") == weights_sha
+    # The memo vouches for these very weights (a changed file is not trusted: t2id.resume re-checks it).
+    memo = json.loads(store.read_text(layout.memo(layout.label.teacher(0))))
+    assert memo["outputs"] == {"label/fold=0/teacher/best.pt": weights_sha}
+
+
+def test_teacher_user_error_on_the_ray_worker_stays_one_line(phantom_run, ray_local):
+    """label.teacher.source: grid without grid weights fails inside the fold's Ray task; the driver
+    re-raises the UserError itself, not Ray's wrapper with the worker's traceback."""
+    from t2id.errors import UserError
+
+    tmp, store = phantom_run
+    key = layout.generate.manifest(1)
+    store.write_table(key, SYNTHETIC_SCHEMA.empty_table())
+    try:
+        cfg = validate_config(make_config(tmp, method="teacher", folds=[1], teacher={"source": "grid"}))
+        with pytest.raises(UserError) as caught:
+            run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+        assert type(caught.value) is UserError
+        assert str(caught.value).startswith("label.teacher.source is 'grid' but ") and "\n" not in str(caught.value)
+    finally:
+        store.delete(key)
 
 
 # --- memorization --------------------------------------------------------------------------------------

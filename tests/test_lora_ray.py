@@ -1,34 +1,43 @@
 """Ray Train layer: 2 CPU workers with gloo (real DDP), checkpoints in the run store (local and the
-S3 test server), a worker killed mid-run, resume equal to not stopping."""
+S3 test server), a worker process killed from outside mid-run, resume equal to not stopping; the
+stage reuses a trained fold through its memo and retrains it under --force."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import threading
 
+import psutil
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_lora_train import make_examples
 
+from t2id import layout
+from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
 from t2id.lora.config import LoraConfig
-from t2id.lora.ray_train import train_fold
-from t2id.lora.train import ADAPTER_FILE
+from t2id.lora.ray_layer import train_fold
+from t2id.lora.settings import LoraSettings
+from t2id.runner import StageContext
 from t2id.store import open_store
 
-PREFIX = "lora/fold=0"
+FOLD = 0
 SEED = 7
+EPOCHS = 5  # 8 images, global batch 4 over 2 workers -> 2 steps per epoch, 10 steps, checkpoint every 2
+STEPS = 2 * EPOCHS
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it when it has registered a checkpoint
 
 
 def _cfg(**overrides) -> LoraConfig:
-    # 8 images, global batch 4 over 2 workers -> 2 steps per epoch, 6 steps, checkpoint every 2.
-    base = dict(rank=4, alpha=4, resolution=64, epochs=3, batch_size=4, lr=1e-3, mixed_precision="no",
-                num_workers=2, checkpoint_every_steps=2, max_failures=1, validation_images=1, validation_steps=2)
+    base = dict(rank=4, alpha=4, resolution=64, epochs=EPOCHS, batch_size=4, lr=1e-3, mixed_precision="no",
+                num_workers=2, checkpoint_every_steps=2, max_failures=1, validation_images=1, validation_steps=2,
+                validation_every_epochs=4)
     return LoraConfig(**{**base, **overrides})
 
 
 def _ranks(store) -> list[dict]:
-    return [json.loads(store.read_text(f"{PREFIX}/ranks/rank={r}.json")) for r in (0, 1)]
+    return [json.loads(store.read_text(layout.lora.rank(FOLD, r))) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def uninterrupted(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-local")
     store = open_store(str(root / "store"))
     examples = make_examples(store)
-    result = train_fold(store, PREFIX, examples, _cfg(), SEED, root / "cache", run_name="ref")
+    result = train_fold(store, FOLD, examples, _cfg(), SEED, root / "cache", run_name="ref")
     return store, examples, result, root
 
 
@@ -46,19 +55,48 @@ def test_ddp_ranks_disjoint_and_identical(uninterrupted):
     assert result.error is None
     ranks = _ranks(store)
     assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["resumed_from_step"] for r in ranks] == [0, 0]
     assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]  # DDP kept the replicas in sync
     steps0, steps1 = dict((s, ids) for s, ids in ranks[0]["steps"]), dict((s, ids) for s, ids in ranks[1]["steps"])
-    assert sorted(steps0) == sorted(steps1) == list(range(6))
-    for epoch in range(3):  # within an epoch the ranks saw disjoint images, together all 8
+    assert sorted(steps0) == sorted(steps1) == list(range(STEPS))
+    for epoch in range(EPOCHS):  # within an epoch the ranks saw disjoint images, together all 8
         seen0 = [i for s in (2 * epoch, 2 * epoch + 1) for i in steps0[s]]
         seen1 = [i for s in (2 * epoch, 2 * epoch + 1) for i in steps1[s]]
         assert not set(seen0) & set(seen1)
         assert sorted(seen0 + seen1) == sorted(e.image_id for e in examples)
-    log = store.read_table(f"{PREFIX}/train_log.parquet").to_pylist()
-    assert [r["step"] for r in log] == list(range(1, 7))
-    assert store.exists(f"{PREFIX}/{ADAPTER_FILE}")
-    assert store.list(f"{PREFIX}/validation/epoch=0002")  # validation images after epochs
-    assert any(k.endswith("lora.safetensors") for k in store.list("lora/_ray"))  # checkpoints in the store
+    log = store.read_table(layout.lora.train_log(FOLD)).to_pylist()
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert store.exists(layout.lora.adapter(FOLD))
+    assert store.list(layout.lora.validation_epoch(FOLD, EPOCHS - 1))  # validation images after the last epoch
+    assert any(k.endswith("lora.safetensors") for k in store.list(layout.lora.ray_run("ref")))  # checkpoints
+
+
+def _ray_train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes of this test's Ray (descendants of this process, so never those
+    of another Ray on the same machine); Ray titles them 'ray::RayTrainWorker...'."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # exited meanwhile
+            continue
+    return found
+
+
+def kill_a_worker_after_first_checkpoint(store, run_name: str, killed: list[int], stop: threading.Event) -> None:
+    """Real fault injection: once Ray Train has registered a checkpoint of `run_name` (its snapshot is in
+    the store), SIGKILL one Ray Train worker process, as a preempted node would lose it. Each later
+    report waits for the controller's poll (about 2 s), so the run is still going when the kill lands."""
+    snapshot = f"{layout.lora.ray_run(run_name)}/{SNAPSHOT}"
+    while not stop.is_set():  # until the training call returns: never a later test's workers
+        if store.exists(snapshot):
+            workers = _ray_train_workers()
+            if workers:
+                workers[-1].kill()
+                killed.append(workers[-1].pid)
+                return
+        stop.wait(0.05)
 
 
 def test_killed_worker_resumes_on_s3_and_matches(uninterrupted, s3_bucket, s3_server, tmp_path):
@@ -66,28 +104,36 @@ def test_killed_worker_resumes_on_s3_and_matches(uninterrupted, s3_bucket, s3_se
     store = open_store(f"s3://{s3_bucket}/runs/r1", endpoint_url=s3_server)
     for e in examples:  # same images in the S3 run store
         store.write_bytes(e.key, ref_store.read_bytes(e.key))
-    marker = tmp_path / "killed-once"
-    result = train_fold(store, PREFIX, examples, _cfg(validation_images=0), SEED, ref_root / "cache",
-                        run_name="killed", fault={"rank": 1, "step": 3, "marker": str(marker), "delay_s": 8})
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(store, "killed", killed, stop),
+                              daemon=True)
+    killer.start()
+    try:
+        result = train_fold(store, FOLD, examples, _cfg(validation_images=0), SEED, ref_root / "cache",
+                            run_name="killed")
+    finally:
+        stop.set()
+        killer.join()
     assert result.error is None
-    assert marker.exists()  # the worker really died once
+    assert len(killed) == 1  # a worker process was killed mid-run (the resume below shows it mattered)
     ranks = _ranks(store)
-    # The restarted group resumed from the checkpoint at step 2, not from scratch.
-    assert [r["resumed_from_step"] for r in ranks] == [2, 2]
-    assert [s for s, _ in ranks[1]["steps"]] == [2, 3, 4, 5]
+    # The restarted group resumed from a registered checkpoint, not from scratch.
+    resumed = ranks[0]["resumed_from_step"]
+    assert 0 < resumed < STEPS and resumed % 2 == 0 and ranks[1]["resumed_from_step"] == resumed
+    assert [s for s, _ in ranks[1]["steps"]] == list(range(resumed, STEPS))
     assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]
-    ckpt_keys = open_store(f"s3://{s3_bucket}/runs/r1", endpoint_url=s3_server).list("lora/_ray/killed")
-    assert any(k.endswith("trainer.pt") for k in ckpt_keys)
+    assert any(k.endswith("trainer.pt") for k in store.list(layout.lora.ray_run("killed")))
     # Resumed = not stopped: same adapter weights (same data order, RNG from (seed, rank, step)).
-    ref = load_file(str(Path(ref_store.uri(f"{PREFIX}/{ADAPTER_FILE}"))))
-    got_path = tmp_path / ADAPTER_FILE
-    store.read_file(f"{PREFIX}/{ADAPTER_FILE}", got_path)
+    ref = load_file(ref_store.uri(layout.lora.adapter(FOLD)))
+    got_path = tmp_path / layout.lora.adapter_file
+    store.read_file(layout.lora.adapter(FOLD), got_path)
     got = load_file(str(got_path))
     assert ref.keys() == got.keys() and len(ref) > 0
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5)
-    log = store.read_table(f"{PREFIX}/train_log.parquet").to_pylist()
-    assert [r["step"] for r in log] == list(range(1, 7))  # the log survived the restart
+    log = store.read_table(layout.lora.train_log(FOLD)).to_pylist()
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))  # the log survived the restart
 
 
 def test_text_encoder_lora_under_ddp(ray_local, tmp_path):
@@ -96,12 +142,70 @@ def test_text_encoder_lora_under_ddp(ray_local, tmp_path):
     store = open_store(str(tmp_path / "store"))
     examples = make_examples(store)
     cfg = _cfg(train_text_encoder=True, epochs=1, validation_images=0)
-    result = train_fold(store, PREFIX, examples, cfg, SEED, tmp_path / "cache", run_name="te")
+    result = train_fold(store, FOLD, examples, cfg, SEED, tmp_path / "cache", run_name="te")
     assert result.error is None
     ranks = _ranks(store)
     assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]
-    assert any(k.endswith("lora_text_encoder_2.safetensors") for k in store.list("lora/_ray/te"))
-    adapter = load_file(store.uri(f"{PREFIX}/{ADAPTER_FILE}"))
+    assert any(k.endswith("lora_text_encoder_2.safetensors") for k in store.list(layout.lora.ray_run("te")))
+    adapter = load_file(store.uri(layout.lora.adapter(FOLD)))
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(prefix) for k in adapter), prefix
     assert any(v.abs().max() > 0 for k, v in adapter.items() if k.startswith("text_encoder_2.") and ".up." in k)
+
+
+def _run_with_one_fold(tmp_path) -> object:
+    """A run store holding data + split outputs: 8 images of the target classes in fold 1 (fold 0's
+    TRAIN part), 2 others in fold 0."""
+    store = open_store(str(tmp_path / "store"))
+    names = ["thyroid cartilage", "cricoid cartilage", "tracheal ring", "strap muscle", "thyroid lobe", "vocal fold"]
+    store.write_text(layout.data.classes, json.dumps({"names": names}))
+    rows, folds = [], []
+    for i, example in enumerate(make_examples(store, n=10)):
+        fold = 0 if i >= 8 else 1
+        cls = 2 if example.class_name == "tracheal ring" else 5
+        rows.append({"image_id": example.image_id, "uri": store.uri(example.key), "width": 88, "height": 72,
+                     "group": f"s{fold}", "source": "real", "sha256": example.sha256,
+                     "boxes": [{"class_id": cls, "x": .5, "y": .5, "w": .2, "h": .2}]})
+        folds.append({"image_id": example.image_id, "fold": fold, "group": f"s{fold}"})
+    store.write_table(layout.data.manifest, pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
+    return store
+
+
+def test_stage_reuses_a_trained_fold_and_force_retrains(ray_local, tmp_path):
+    from t2id.data.manifest import load_classes
+    from t2id.lora.stage import fold_examples, fold_memo, fold_seed, run
+
+    store = _run_with_one_fold(tmp_path)
+    s = LoraSettings(lora=_cfg(num_workers=1, epochs=1, validation_images=0, folds=[0]), run_seed=3)
+
+    def ctx(force=False):
+        return StageContext(store=store, stage="lora", cache_dir=tmp_path / "cache", force=force)
+
+    first = run(ctx(), s)
+    fold0 = first.summary["folds"]["0"]
+    assert (fold0["reused"], fold0["images"], fold0["steps"]) == (False, 8, 2)
+    memo = json.loads(store.read_text(layout.memo(layout.lora.fold(0))))
+    assert set(memo["outputs"]) == {layout.lora.adapter(0), layout.lora.train_ids(0), layout.lora.train_log(0)}
+    assert layout.lora.adapter(0) in first.outputs and layout.memo(layout.lora.fold(0)) not in first.outputs
+    adapter_sha = store.sha256(layout.lora.adapter(0))
+
+    again = run(ctx(), s)  # same settings and examples: reused, no training
+    assert again.summary["folds"]["0"]["reused"] is True and again.outputs == first.outputs
+
+    def done(settings: LoraSettings) -> bool:
+        targets = [(c.name, c.prompts) for c in settings.lora.target_classes]
+        examples = fold_examples(store, 0, load_classes(store), targets)
+        seed = fold_seed(settings.run_seed, 0, settings.lora.seed)
+        return fold_memo(ctx(), settings, 0, seed, examples).done()
+
+    assert done(s)
+    assert not done(s.model_copy(update={"lora": s.lora.model_copy(update={"lr": 2e-3})}))
+    assert not done(s.model_copy(update={"run_seed": 4}))  # run.seed derives the fold's training seed
+    assert done(s.model_copy(update={"lora": s.lora.model_copy(update={"folds": [0, 1]})}))  # not the fold's identity
+
+    forced = run(ctx(force=True), s)  # --force: trained from scratch, not restored from Ray's last checkpoint
+    assert forced.summary["folds"]["0"]["reused"] is False
+    rank0 = json.loads(store.read_text(layout.lora.rank(0, 0)))
+    assert rank0["resumed_from_step"] == 0 and len(rank0["steps"]) == 2
+    assert store.sha256(layout.lora.adapter(0)) == adapter_sha  # deterministic: the first run's adapter again

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from t2id import layout
 from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
 from t2id.lora.config import LoraConfig
 from t2id.lora.data import (
@@ -23,16 +24,16 @@ from t2id.lora.data import (
     preprocess_image,
 )
 from t2id.lora.models import load_sdxl_pipeline
-from t2id.lora.ray_train import restore_checkpoint, save_checkpoint
 from t2id.lora.train import (
-    ADAPTER_FILE,
     diffusion_loss,
     fit,
     gather_batch,
     lora_state_dict,
     make_schedule,
     min_snr_weights,
+    restore_checkpoint,
     save_adapter,
+    save_checkpoint,
     setup_training,
     step_batches,
     step_generator,
@@ -50,7 +51,7 @@ def make_examples(store, n: int = 8, size: int = 72, seed: int = 0) -> list[Exam
         pixels[row:row + 14, 8 + 4 * i:40 + 4 * i] = 230
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
-        key = f"data/images/img{i:02d}.png"
+        key = layout.data.image(f"img{i:02d}", ".png")
         digest = store.write_bytes(key, buffer.getvalue())
         name = "tracheal ring" if i % 2 else "vocal fold"
         examples.append(Example(f"img{i:02d}", key, digest, name, f"ultrasound scan of the {name}"))
@@ -157,7 +158,7 @@ def test_loss_goes_down(trained):
 def test_saved_adapter_loads_into_fresh_pipeline(trained, cache_dir, tmp_path):
     pipe, state, _, _, _ = trained
     save_adapter(state.unet, tmp_path)
-    assert (tmp_path / ADAPTER_FILE).exists()
+    assert (tmp_path / layout.lora.adapter_file).exists()
 
     def image(p):
         return p("ultrasound scan of the vocal fold", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
@@ -202,23 +203,36 @@ def test_config_checks_name_the_fix():
     assert LoraConfig(train_text_encoder=True).train_text_encoder is True
 
 
+def test_settings_take_run_seed_only_when_lora_seed_is_unset():
+    from t2id.config import validate_config
+    from t2id.lora.settings import settings
+    from t2id.runner import settings_hash
+
+    def hashed(**sections):
+        return settings_hash(settings(validate_config(sections)))
+
+    assert hashed(run={"seed": 1}) != hashed(run={"seed": 2})  # each fold's seed derives from run.seed
+    assert hashed(run={"seed": 1}, lora={"seed": 5}) == hashed(run={"seed": 2}, lora={"seed": 5})
+    assert hashed(split={"folds": 2}) == hashed(split={"folds": 3})  # other sections: not an input
+
+
 def test_fold_examples_never_hold_validation_images(tmp_path):
     from t2id.lora.stage import fold_examples
 
     store = open_store(str(tmp_path))
     names = ["thyroid cartilage", "cricoid cartilage", "tracheal ring", "strap muscle", "thyroid lobe", "vocal fold"]
-    store.write_text("data/classes.json", json.dumps({"names": names}))
+    store.write_text(layout.data.classes, json.dumps({"names": names}))
     rows, folds = [], []
     for i in range(12):
-        key = f"data/images/{i:02d}.png"
+        key = layout.data.image(f"{i:02d}", ".png")
         store.write_bytes(key, b"x")
         cls = [2, 5, 3][i % 3]  # tracheal ring, vocal fold, strap muscle (not a target)
         rows.append({"image_id": f"{i:02d}", "uri": store.uri(key), "width": 64, "height": 64, "group": f"s{i // 4}",
                      "source": "real", "boxes": [{"class_id": cls, "x": .5, "y": .5, "w": .2, "h": .2}],
                      "sha256": "0"})
         folds.append({"image_id": f"{i:02d}", "fold": (i // 4) % 2, "group": f"s{i // 4}"})
-    store.write_table("data/manifest.parquet", pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
-    store.write_table("split/folds.parquet", pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
+    store.write_table(layout.data.manifest, pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
     targets = [(c.name, c.prompts) for c in LoraConfig().target_classes]
     for fold in (0, 1):
         examples = fold_examples(store, fold, names, targets)
@@ -279,7 +293,7 @@ def test_text_encoder_lora_saved_and_loaded_by_diffusers(trained_te, cache_dir, 
 
     pipe, state, _, _ = trained_te
     save_adapter(state.unet, tmp_path, state.text_encoders)
-    keys = load_file(str(tmp_path / ADAPTER_FILE)).keys()
+    keys = load_file(str(tmp_path / layout.lora.adapter_file)).keys()
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(prefix) for k in keys), prefix
     fresh = load_sdxl_pipeline("tiny", cache_dir)

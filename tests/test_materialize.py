@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from t2id import layout
 from t2id.config import validate_config
 from t2id.data.manifest import IMAGE_SCHEMA, SYNTHETIC_SCHEMA, load_fold_rows
 from t2id.data.materialize import materialize_fold
@@ -33,7 +34,7 @@ def _synthetic(run, kept_flags):
     rows = []
     for i, kept in enumerate(kept_flags):
         data = f"fake png {i}".encode()
-        key = f"generate/fold=0/images/tracheal-ring/{i:04d}.png"
+        key = layout.generate.image(0, "tracheal ring", f"{i:04d}")
         sha = run.write_bytes(key, data)
         rows.append({"image_id": f"syn{i:013d}", "uri": run.uri(key), "width": 64, "height": 64, "group": "synthetic",
                      "source": "synthetic", "boxes": [{"class_id": 2, "x": 0.5, "y": 0.4, "w": 0.3, "h": 0.3}],

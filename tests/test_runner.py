@@ -7,8 +7,13 @@ import json
 import pytest
 
 from t2id.config import validate_config
+from t2id.configbase import StageSettings
 from t2id.errors import UserError
-from t2id.runner import MARKER, Stage, StageResult, run_pipeline, run_store
+from t2id.runner import MARKER, Stage, StageResult, run_pipeline, run_store, settings_hash
+
+
+class FakeSettings(StageSettings):
+    values: dict
 
 
 class Recorder:
@@ -18,13 +23,13 @@ class Recorder:
         self.calls: list[str] = []
         self.fail_in: set[str] = set()
 
-    def body(self, name: str, output=lambda ctx: "v"):
-        def run(ctx) -> StageResult:
+    def body(self, name: str, output=lambda s: "v"):
+        def run(ctx, settings) -> StageResult:
             self.calls.append(name)
             if name in self.fail_in:
                 raise RuntimeError(f"{name} crashed")
             key = f"{name}/out.txt"
-            return StageResult(outputs={key: ctx.store.write_text(key, str(output(ctx)))}, summary={"n": 1})
+            return StageResult(outputs={key: ctx.store.write_text(key, str(output(settings)))}, summary={"n": 1})
 
         return run
 
@@ -36,11 +41,18 @@ def make(tmp_path, rec: Recorder, **sections):
     source = tmp_path / "source.txt"
     if not source.exists():
         source.write_text("dataset v1")
+
+    def settings_of(**values):
+        return lambda cfg: FakeSettings(values=values)
+
     stages = {
-        "data": Stage("data", ("data",), (), rec.body("data", lambda ctx: source.read_text()),
-                      fingerprint=lambda ctx: {"source": source.read_text()}),
-        "split": Stage("split", ("split",), ("data",), rec.body("split", lambda ctx: ctx.config.split.folds)),
-        "lora": Stage("lora", ("lora",), ("split",), rec.body("lora", lambda ctx: ctx.config.lora.rank)),
+        "data": Stage("data", settings_of(source=cfg.data.source), (),
+                      rec.body("data", lambda s: source.read_text()),
+                      external_inputs=lambda ctx, s: {"source": source.read_text()}),
+        "split": Stage("split", settings_of(folds=cfg.split.folds), ("data",),
+                       rec.body("split", lambda s: s.values["folds"])),
+        "lora": Stage("lora", settings_of(rank=cfg.lora.rank), ("split",),
+                      rec.body("lora", lambda s: s.values["rank"])),
     }
     return cfg, stages
 
@@ -61,7 +73,8 @@ def test_marker_contents_and_saved_config(tmp_path):
     run_pipeline(cfg, stages=stages)
     store = run_store(cfg)
     marker = json.loads(store.read_text(f"split/{MARKER}"))
-    assert marker["config_hash"] == cfg.section_hash("split")
+    assert marker["settings_hash"] == settings_hash(stages["split"].settings(cfg))
+    assert marker["settings"] == {"values": {"folds": 4}}
     assert set(marker["input_hashes"]) == {"stage:data"}
     assert marker["outputs"] == {"split/out.txt": store.sha256("split/out.txt")}
     assert marker["timings"]["seconds"] >= 0 and marker["timings"]["started_at"]
@@ -147,3 +160,36 @@ def test_bad_stage_names_are_user_errors(tmp_path):
         run_pipeline(cfg, only="trian", stages=stages)
     with pytest.raises(UserError, match="not enabled"):
         run_pipeline(cfg, force="report", stages=stages)
+
+
+def test_force_reaches_the_stage_so_it_can_ignore_its_unit_memos(tmp_path):
+    seen: dict[str, bool] = {}
+    rec = Recorder()
+    cfg, stages = make(tmp_path, rec)
+    for name, stage in stages.items():
+        inner = stage.run
+        stages[name] = Stage(name, stage.settings, stage.depends_on,
+                             lambda ctx, s, inner=inner: (seen.__setitem__(ctx.stage, ctx.force), inner(ctx, s))[1],
+                             stage.external_inputs)
+    run_pipeline(cfg, stages=stages)
+    assert seen == {"data": False, "split": False, "lora": False}
+    run_pipeline(cfg, stages=stages, force="split")
+    assert seen == {"data": False, "split": True, "lora": True}
+
+
+def test_stage_messages_go_to_the_events_it_is_handed(tmp_path):
+    class Collect:
+        def __init__(self):
+            self.lines = []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: self.lines.append((name, a[0]))
+
+    rec = Recorder()
+    cfg, stages = make(tmp_path, rec)
+    events = Collect()
+    run_pipeline(cfg, stages=stages, events=events)
+    run_pipeline(cfg, stages=stages, events=events, only="lora")
+    assert events.lines == [("stage_started", "data"), ("stage_finished", "data"), ("stage_started", "split"),
+                            ("stage_finished", "split"), ("stage_started", "lora"), ("stage_finished", "lora"),
+                            ("stage_skipped", "lora")]

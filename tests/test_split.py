@@ -7,11 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from t2id import layout
 from t2id.config import validate_config
-from t2id.data.manifest import FOLD_CLASSES_KEY, FOLDS_KEY, load_fold_rows, load_manifest
+from t2id.data.manifest import load_fold_rows, load_manifest
 from t2id.data.phantom import write_phantom
 from t2id.data.stage import STAGE as DATA_STAGE
 from t2id.errors import UserError
+from t2id.events import LogEvents
 from t2id.runner import run_pipeline, run_store
 from t2id.split.folds import assert_no_leak, assign_folds, check_feasible
 from t2id.split.stage import STAGE as SPLIT_STAGE
@@ -68,6 +70,16 @@ def test_too_few_subjects_for_a_class_names_it_and_the_fix():
         check_feasible(counts, ["common", "rare"], 5)
 
 
+class Recorded(LogEvents):
+    """The events a stage emits, kept for asserting (stages never print)."""
+
+    def __init__(self):
+        self.tables: dict[str, tuple[list, list]] = {}
+
+    def table(self, title, columns, rows):
+        self.tables[title] = (list(columns), [list(r) for r in rows])
+
+
 def test_split_stage_on_the_phantom(tmp_path):
     src = write_phantom(tmp_path / "ph", subjects=6, frames_per_subject=4, size=64)
     cfg = validate_config({
@@ -76,15 +88,20 @@ def test_split_stage_on_the_phantom(tmp_path):
         "data": {"source": str(src)},
         "split": {"folds": 3},
     })
-    assert [o.status for o in run_pipeline(cfg, stages=STAGES)] == ["ran", "ran"]
+    events = Recorded()
+    assert [o.status for o in run_pipeline(cfg, stages=STAGES, events=events)] == ["ran", "ran"]
+    columns, rows = events.tables["instances and images per class"]  # the data stage's class table
+    assert columns == ["class", "instances", "images", "share"] and len(rows) == 6
+    columns, rows = events.tables["instances per fold (subject-grouped)"]  # the split stage's fold table
+    assert columns[:3] == ["fold", "images", "subjects"] and [r[:3] for r in rows] == [[0, 8, 2], [1, 8, 2], [2, 8, 2]]
     store = run_store(cfg)
-    folds = store.read_table(FOLDS_KEY)
+    folds = store.read_table(layout.split.folds)
     assert folds.column_names == ["image_id", "fold", "group"]
     per_group = {}
     for row in folds.to_pylist():
         assert per_group.setdefault(row["group"], row["fold"]) == row["fold"]
     assert sorted(per_group.values()) == [0, 0, 1, 1, 2, 2]  # 6 subjects of equal size -> 2 per fold
-    table = store.read_table(FOLD_CLASSES_KEY).to_pylist()
+    table = store.read_table(layout.split.fold_classes).to_pylist()
     assert len(table) == 3 * 6 and all(r["subjects"] >= 1 for r in table)  # every class in every fold
     manifest_ids = set(load_manifest(store)["image_id"].to_pylist())
     for fold in range(3):
@@ -96,3 +113,6 @@ def test_split_stage_on_the_phantom(tmp_path):
     assert [o.status for o in run_pipeline(cfg, stages=STAGES)] == ["skipped", "skipped"]
     again = validate_config({**cfg.model_dump(mode="json"), "split": {"folds": 2}})
     assert [o.status for o in run_pipeline(again, stages=STAGES)] == ["skipped", "ran"]
+    # run.seed is the split's only input from another section: it redoes split, not data
+    reseeded = validate_config({**again.model_dump(mode="json"), "run": {**again.run.model_dump(), "seed": 4}})
+    assert [o.status for o in run_pipeline(reseeded, stages=STAGES)] == ["skipped", "ran"]

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from t2id.config import sha256_json
-from t2id.data.manifest import IMAGE_SCHEMA, IMAGES_PREFIX, QUARANTINE_SCHEMA
+from t2id import layout
+from t2id.data.manifest import IMAGE_SCHEMA, QUARANTINE_SCHEMA
 from t2id.data.phantom import PHANTOM_VERSION, write_phantom
 from t2id.data.validate import Rejection, ScanResult
 from t2id.errors import UserError
-from t2id.store import TMP_PREFIX, LocalStore, Store
+from t2id.hashing import sha256_json
+from t2id.store import TMP_PREFIX, LocalStore, Store, s3_client
 
 SYNC_STATE = ".t2id-sync.json"
 
@@ -53,16 +54,10 @@ def ensure_phantom(phantom_cfg, cache_dir: Path) -> Path:
 
 # --- S3 ----------------------------------------------------------------------------------------
 
-def _s3_client(endpoint_url: str | None):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
 def _s3_objects(uri: str, endpoint_url: str | None) -> tuple[object, str, str, list[dict]]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
-    client = _s3_client(endpoint_url)
+    client = s3_client(endpoint_url)
     folder = f"{prefix}/" if prefix else ""
     objects = []
     try:
@@ -149,19 +144,15 @@ def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, s
 
 # --- copy into the run -----------------------------------------------------------------------------
 
-def image_key(image_id: str, ext: str) -> str:
-    return f"{IMAGES_PREFIX}/{image_id}{ext}"
-
-
 def copy_images(scan: ScanResult, store: Store, workers: int = 8,
                 progress: Callable[[int], None] | None = None) -> pa.Table:
-    """Copy accepted images to data/images/<image_id><ext> (skipping present ones); return the manifest."""
-    present = set(store.list(IMAGES_PREFIX))
-    todo = [rec for rec in scan.images if image_key(rec.image_id, rec.ext) not in present]
+    """Copy accepted images to layout.data.image(image_id, ext) (skipping present ones); return the manifest."""
+    present = set(store.list(layout.data.images))
+    todo = [rec for rec in scan.images if layout.data.image(rec.image_id, rec.ext) not in present]
     root = str(scan.root)
 
     if isinstance(store, LocalStore):
-        folder = store.path(f"{IMAGES_PREFIX}/x").parent
+        folder = store.path(layout.data.images)
         folder.mkdir(parents=True, exist_ok=True)
         folder_s = str(folder)
 
@@ -175,7 +166,7 @@ def copy_images(scan: ScanResult, store: Store, workers: int = 8,
             os.replace(tmp, dest)
     else:
         def put(rec) -> None:
-            store.write_file(image_key(rec.image_id, rec.ext), os.path.join(root, rec.path))
+            store.write_file(layout.data.image(rec.image_id, rec.ext), os.path.join(root, rec.path))
 
     batches = [todo[i:i + 32] for i in range(0, len(todo), 32)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -183,7 +174,7 @@ def copy_images(scan: ScanResult, store: Store, workers: int = 8,
             if progress is not None:
                 progress(len(batch))
     # Images of an earlier import that are no longer in the dataset go away.
-    keep = {image_key(rec.image_id, rec.ext) for rec in scan.images}
+    keep = {layout.data.image(rec.image_id, rec.ext) for rec in scan.images}
     for key in present - keep:
         store.delete(key)
     return manifest_table(scan, store)
@@ -193,7 +184,7 @@ def manifest_table(scan: ScanResult, store: Store) -> pa.Table:
     records = sorted(scan.images, key=lambda r: (r.group, r.path))
     rows = {
         "image_id": [r.image_id for r in records],
-        "uri": [store.uri(image_key(r.image_id, r.ext)) for r in records],
+        "uri": [store.uri(layout.data.image(r.image_id, r.ext)) for r in records],
         "width": [r.width for r in records],
         "height": [r.height for r in records],
         "group": [r.group for r in records],

@@ -1,31 +1,20 @@
 """Manifest schemas and readers: the tables every stage after `data` reads.
 
-One row per image. Real rows come from the `data` stage (`data/manifest.parquet`), synthetic
+One row per image. Real rows come from the `data` stage (`layout.data.manifest`), synthetic
 rows from `generate`/`label` and add provenance columns. Boxes are YOLO-normalized centre
 format (x, y = box centre, w, h = box size, all as fractions of the image side).
-
-Store keys (run-relative) are constants here so no stage spells them twice.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from t2id import layout
 from t2id.errors import UserError
-
-MANIFEST_KEY = "data/manifest.parquet"
-QUARANTINE_KEY = "data/quarantine.parquet"
-CLASSES_KEY = "data/classes.json"
-STATS_KEY = "data/stats.parquet"
-FIGURE_KEY = "data/class_distribution.png"
-SOURCES_KEY = "data/sources.parquet"
-IMAGES_PREFIX = "data/images"
-FOLDS_KEY = "split/folds.parquet"
-FOLD_CLASSES_KEY = "split/fold_classes.parquet"
 
 BOX_TYPE = pa.struct([
     pa.field("class_id", pa.int32()),
@@ -83,37 +72,45 @@ def image_id_of(sha256: str) -> str:
     return sha256[:16]
 
 
-def boxes_to_pylist(boxes: Iterable[Sequence[float]]) -> list[dict]:
-    """[(class_id, x, y, w, h), ...] -> list of BOX_TYPE dicts."""
-    return [{"class_id": int(c), "x": float(x), "y": float(y), "w": float(w), "h": float(h)}
-            for c, x, y, w, h in boxes]
-
-
-def empty_table(schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
-    return schema.empty_table()
-
-
 def load_classes(run_store) -> list[str]:
     """Class names of the run (written by the data stage)."""
-    if not run_store.exists(CLASSES_KEY):
-        raise UserError(f"{run_store.uri(CLASSES_KEY)} is missing: run the data stage first "
-                        f"(`t2id run CONFIG --only data`)")
-    return list(json.loads(run_store.read_text(CLASSES_KEY))["names"])
+    key = layout.data.classes
+    if not run_store.exists(key):
+        raise UserError(f"{run_store.uri(key)} is missing: run the data stage first (`t2id run CONFIG --only data`)")
+    return list(json.loads(run_store.read_text(key))["names"])
 
 
 def load_manifest(run_store) -> pa.Table:
     """The real-image manifest of the run."""
-    if not run_store.exists(MANIFEST_KEY):
-        raise UserError(f"{run_store.uri(MANIFEST_KEY)} is missing: run the data stage first "
-                        f"(`t2id run CONFIG --only data`)")
-    return run_store.read_table(MANIFEST_KEY).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
+    key = layout.data.manifest
+    if not run_store.exists(key):
+        raise UserError(f"{run_store.uri(key)} is missing: run the data stage first (`t2id run CONFIG --only data`)")
+    return run_store.read_table(key).select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
 
 
 def load_folds(run_store) -> pa.Table:
-    if not run_store.exists(FOLDS_KEY):
-        raise UserError(f"{run_store.uri(FOLDS_KEY)} is missing: run the split stage first "
-                        f"(`t2id run CONFIG --only split`)")
-    return run_store.read_table(FOLDS_KEY)
+    """image_id, fold, group of the run's split (FOLDS_SCHEMA)."""
+    key = layout.split.folds
+    if not run_store.exists(key):
+        raise UserError(f"{run_store.uri(key)} is missing: run the split stage first (`t2id run CONFIG --only split`)")
+    return run_store.read_table(key)
+
+
+def available_folds(run_store) -> list[int]:
+    """The folds of the run's split, in order."""
+    return sorted({int(f) for f in load_folds(run_store)["fold"].to_pylist()})
+
+
+def select_folds(run_store, wanted: Sequence[int] | None, field: str) -> list[int]:
+    """The one fold selector: `wanted` (a config field's value, named by `field` in errors) checked
+    against the split, or every fold when it is None."""
+    available = available_folds(run_store)
+    if wanted is None:
+        return available
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise UserError(f"{field}: fold(s) {missing} do not exist; {layout.split.folds} has folds {available}")
+    return sorted(set(wanted))
 
 
 def fold_ids(run_store, fold: int, part: str = "train") -> list[str]:

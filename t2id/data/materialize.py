@@ -21,8 +21,9 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from t2id.config import sha256_json
-from t2id.data.manifest import CLASSES_KEY, FOLDS_KEY, MANIFEST_KEY, load_classes, load_fold_rows
+from t2id import layout
+from t2id.data.manifest import load_classes, load_fold_rows
+from t2id.hashing import sha256_json
 from t2id.store import TMP_PREFIX, LocalStore, Store
 
 LAYOUT_VERSION = 1
@@ -53,9 +54,9 @@ def _content_hash(run_store: Store, fold: int, synthetic_rows: list[dict]) -> st
     return sha256_json({
         "layout": LAYOUT_VERSION,
         "fold": fold,
-        "manifest": run_store.sha256(MANIFEST_KEY),
-        "folds": run_store.sha256(FOLDS_KEY),
-        "classes": run_store.sha256(CLASSES_KEY),
+        "manifest": run_store.sha256(layout.data.manifest),
+        "folds": run_store.sha256(layout.split.folds),
+        "classes": run_store.sha256(layout.data.classes),
         "synthetic": sorted((r["image_id"], r["uri"], r.get("sha256"), r.get("boxes") or []) for r in synthetic_rows),
     })
 

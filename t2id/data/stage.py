@@ -2,24 +2,21 @@
 
 Steps: 1. resolve data.source to a local folder (phantom: generate; s3: sync into the cache);
 2. check every file (t2id.data.validate); 3. strict mode fails on any rejection; 4. copy the
-accepted images to data/images/<image_id><ext> (present ones are skipped, so a killed import
-resumes); 5. write manifest, quarantine (always, maybe empty), classes, stats and the chart.
+accepted images to layout.data.image(image_id, ext) (present ones are skipped, so a killed import
+resumes); 5. write manifest, quarantine (always, maybe empty), sources, classes, stats and the chart.
 """
 
 from __future__ import annotations
 
 import json
 
-from rich.progress import Progress
-
-from t2id.data.importer import (copy_images, fingerprint_source, quarantine_table, resolve_source,
-                                sources_table)
-from t2id.data.manifest import (CLASSES_KEY, FIGURE_KEY, MANIFEST_KEY, QUARANTINE_KEY, SOURCES_KEY,
-                                STATS_KEY)
-from t2id.data.stats import class_distribution_png, class_stats, format_table, imbalance_ratio
+from t2id import layout
+from t2id.data.importer import copy_images, fingerprint_source, quarantine_table, resolve_source, sources_table
+from t2id.data.settings import DataSettings, settings
+from t2id.data.stats import STATS_COLUMNS, class_distribution_png, class_stats, imbalance_ratio, stats_notes, stats_rows
 from t2id.data.validate import scan_dataset
 from t2id.errors import UserError
-from t2id.runner import Stage, StageContext, StageResult, console
+from t2id.runner import Stage, StageContext, StageResult
 
 
 def rejection_report(rejected, limit: int = 20) -> str:
@@ -29,42 +26,42 @@ def rejection_report(rejected, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.config.data
-    endpoint = ctx.config.store.endpoint_url
-    root = resolve_source(cfg, ctx.cache_dir, endpoint)
+def run(ctx: StageContext, s: DataSettings) -> StageResult:
+    cfg = s.data
+    store = ctx.store
+    root = resolve_source(cfg, ctx.cache_dir, ctx.endpoint_url)
 
-    subject_map = cfg.subject_map
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("checking files", total=None)
-        scan = scan_dataset(root, subject_map=subject_map, subject_regex=cfg.subject_regex,
+    with ctx.events.progress("checking files", total=None) as advance:
+        scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
                             class_names=cfg.class_names, tolerance=cfg.box_tolerance, workers=cfg.workers,
-                            progress=lambda n: progress.advance(task, n))
+                            progress=advance)
     for warning in scan.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        ctx.events.warning(warning)
     if scan.rejected:
         if cfg.strict:
             raise UserError(f"data.strict is on and {len(scan.rejected)} file(s) of {root} were rejected; fix "
                             f"them or set data.strict: false to quarantine them:\n{rejection_report(scan.rejected)}")
-        console.print(f"[yellow]{len(scan.rejected)} file(s) quarantined[/] (see data/quarantine.parquet):\n"
-                      f"{rejection_report(scan.rejected)}")
+        ctx.events.warning(f"{len(scan.rejected)} file(s) quarantined (see {store.uri(layout.data.quarantine)}):\n"
+                           f"{rejection_report(scan.rejected)}")
     if not scan.images:
         raise UserError(f"data.source {cfg.source}: no valid image to import ({len(scan.rejected)} rejected); "
                         f"run `t2id data check {root}` to see why")
 
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("copying images", total=len(scan.images))
-        manifest = copy_images(scan, ctx.store, workers=cfg.workers, progress=lambda n: progress.advance(task, n))
+    with ctx.events.progress("copying images", total=len(scan.images)) as advance:
+        manifest = copy_images(scan, store, workers=cfg.workers, progress=advance)
 
     stats = class_stats(manifest, scan.names)
-    console.print(format_table(stats, manifest.num_rows))
+    ctx.events.table("instances and images per class", STATS_COLUMNS, stats_rows(stats))
+    for note in stats_notes(stats, manifest.num_rows):
+        ctx.events.info(note)
     outputs = {
-        MANIFEST_KEY: ctx.store.write_table(MANIFEST_KEY, manifest),
-        QUARANTINE_KEY: ctx.store.write_table(QUARANTINE_KEY, quarantine_table(scan.rejected)),
-        SOURCES_KEY: ctx.store.write_table(SOURCES_KEY, sources_table(scan)),
-        CLASSES_KEY: ctx.store.write_text(CLASSES_KEY, json.dumps({"names": scan.names}, indent=2)),
-        STATS_KEY: ctx.store.write_table(STATS_KEY, stats),
-        FIGURE_KEY: ctx.store.write_bytes(FIGURE_KEY, class_distribution_png(stats)),
+        layout.data.manifest: store.write_table(layout.data.manifest, manifest),
+        layout.data.quarantine: store.write_table(layout.data.quarantine, quarantine_table(scan.rejected)),
+        layout.data.sources: store.write_table(layout.data.sources, sources_table(scan)),
+        layout.data.classes: store.write_text(layout.data.classes, json.dumps({"names": scan.names}, indent=2)),
+        layout.data.stats: store.write_table(layout.data.stats, stats),
+        layout.data.class_distribution: store.write_bytes(layout.data.class_distribution,
+                                                          class_distribution_png(stats)),
     }
     ratio = imbalance_ratio(stats)
     summary = {
@@ -77,8 +74,9 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, summary=summary)
 
 
-def fingerprint(ctx: StageContext) -> dict[str, str]:
-    return fingerprint_source(ctx.config.data, ctx.config.store.endpoint_url)
+def external_inputs(ctx: StageContext, s: DataSettings) -> dict[str, str]:
+    """The source dataset's content (file listing with sizes and mtimes, or S3 ETags): not config."""
+    return fingerprint_source(s.data, ctx.endpoint_url)
 
 
-STAGE = Stage(name="data", sections=("data",), depends_on=(), run=run, fingerprint=fingerprint)
+STAGE = Stage(name="data", settings=settings, depends_on=(), run=run, external_inputs=external_inputs)

@@ -31,20 +31,33 @@ def imbalance_ratio(stats: pa.Table) -> float | None:
     return max(present) / min(present) if present else None
 
 
-def format_table(stats: pa.Table, n_images: int) -> str:
-    """A plain-text table (also what `t2id data check` prints)."""
-    rows = stats.to_pylist()
-    width = max([len("class")] + [len(r["name"]) for r in rows])
-    lines = [f"{'class':<{width}}  {'instances':>9}  {'images':>6}  {'share':>6}"]
-    for r in sorted(rows, key=lambda r: -r["instances"]):
-        lines.append(f"{r['name']:<{width}}  {r['instances']:>9}  {r['images']:>6}  {100 * r['instance_share']:>5.1f}%")
+STATS_COLUMNS = ("class", "instances", "images", "share")
+
+
+def stats_rows(stats: pa.Table) -> list[tuple]:
+    """Rows of the class table (STATS_COLUMNS), most frequent class first."""
+    rows = sorted(stats.to_pylist(), key=lambda r: -r["instances"])
+    return [(r["name"], r["instances"], r["images"], f"{100 * r['instance_share']:.1f}%") for r in rows]
+
+
+def stats_notes(stats: pa.Table, n_images: int) -> list[str]:
+    """The lines under the class table: image count, imbalance ratio, classes without instances."""
     ratio = imbalance_ratio(stats)
-    lines.append(f"{n_images} images; imbalance ratio (max/min instances): "
-                 + (f"{ratio:.1f}" if ratio is not None else "n/a"))
-    missing = [r["name"] for r in rows if r["instances"] == 0]
+    notes = [f"{n_images} images; imbalance ratio (max/min instances): "
+             + (f"{ratio:.1f}" if ratio is not None else "n/a")]
+    missing = [r["name"] for r in stats.to_pylist() if r["instances"] == 0]
     if missing:
-        lines.append(f"classes without any instance: {', '.join(missing)}")
-    return "\n".join(lines)
+        notes.append(f"classes without any instance: {', '.join(missing)}")
+    return notes
+
+
+def format_table(stats: pa.Table, n_images: int) -> str:
+    """The class table as plain text (what `t2id data check` prints)."""
+    rows = stats_rows(stats)
+    width = max([len("class")] + [len(r[0]) for r in rows])
+    lines = [f"{'class':<{width}}  {'instances':>9}  {'images':>6}  {'share':>6}"]
+    lines += [f"{name:<{width}}  {inst:>9}  {imgs:>6}  {share:>6}" for name, inst, imgs, share in rows]
+    return "\n".join(lines + stats_notes(stats, n_images))
 
 
 def class_distribution_png(stats: pa.Table, title: str = "Instances and images per class") -> bytes:

@@ -16,7 +16,7 @@ CRLF, trailing blank lines and empty label files are fine (empty = background); 
 no label file is a background image. A bad label rejects its image too (training on it as
 background would teach the detector that the object is background).
 
-Speed: one thread pool reads, hashes and decodes each image once (cv2.imdecode releases the GIL).
+Speed: one thread pool reads, hashes and decodes each image once (Pillow's decoders release the GIL).
 """
 
 from __future__ import annotations
@@ -28,15 +28,14 @@ import json
 import math
 import os
 import re
-import zlib
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
 import yaml
+from PIL import Image, UnidentifiedImageError
 
 from t2id.data.manifest import image_id_of
 from t2id.errors import UserError
@@ -45,13 +44,6 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXT = ".txt"
 YAML_NAMES = ("data.yaml", "dataset.yaml")
 SUBJECT_MAP_DEFAULT = "subjects.csv"  # picked up at the dataset root when no map/regex is configured
-
-cv2.setNumThreads(1)  # we parallelize across files; nested OpenCV threads only contend
-try:  # libjpeg warnings on stderr would bypass our reporting; truncation is checked below
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-except AttributeError:  # pragma: no cover - older OpenCV builds
-    pass
-
 
 @dataclass
 class ImageRecord:
@@ -308,83 +300,40 @@ def parse_label(text: str, n_classes: int, tolerance: float = 1e-3) -> tuple[lis
 
 # --- images ------------------------------------------------------------------------------------
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (3 = palette: fall back)
-
-
-def png_check(data: bytes) -> tuple[int, int] | str | None:
-    """Verify a PNG without building its pixels: (width, height), a reason, or None to fall back.
-
-    What libpng checks while decoding, minus the unfiltering: the signature, every chunk's CRC,
-    IHDR, a complete zlib stream in IDAT of exactly height * (1 + row bytes) bytes, valid row
-    filter types (0-4), IEND. Skipping pixel reconstruction saves ~40% of the decode. Palette and
-    interlaced images take the full decoder.
-    """
-    if not data.startswith(_PNG_SIGNATURE):
-        return None
-    view = memoryview(data)
-    pos, size = 8, len(data)
-    width = height = row_bytes = None
-    inflater = zlib.decompressobj()
-    rows = bytearray()
-    seen_iend = False
-    while pos + 12 <= size:
-        length = int.from_bytes(view[pos:pos + 4], "big")
-        kind = bytes(view[pos + 4:pos + 8])
-        end = pos + 12 + length
-        if end > size:
-            return "undecodable image: PNG is truncated"
-        body = view[pos + 8:pos + 8 + length]
-        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(view[end - 4:end], "big"):
-            return f"undecodable image: PNG chunk {kind.decode('latin-1')} fails its CRC"
-        if kind == b"IHDR":
-            if length != 13:
-                return "undecodable image: PNG header is malformed"
-            width, height = int.from_bytes(body[0:4], "big"), int.from_bytes(body[4:8], "big")
-            depth, colour, interlace = body[8], body[9], body[12]
-            if colour not in _PNG_CHANNELS or interlace != 0 or depth not in (1, 2, 4, 8, 16):
-                return None
-            row_bytes = (width * _PNG_CHANNELS[colour] * depth + 7) // 8
-            if width == 0 or height == 0:
-                return "undecodable image: PNG has zero width or height"
-        elif kind == b"IDAT":
-            if row_bytes is None:
-                return "undecodable image: PNG data before its header"
-            try:
-                rows += inflater.decompress(body)
-            except zlib.error as exc:
-                return f"undecodable image: PNG data is corrupt ({exc})"
-        elif kind == b"IEND":
-            seen_iend = True
-            break
-        pos = end
-    if row_bytes is None or not seen_iend:
-        return "undecodable image: PNG is truncated"
-    try:
-        rows += inflater.flush()
-    except zlib.error as exc:
-        return f"undecodable image: PNG data is corrupt ({exc})"
-    if not inflater.eof or len(rows) != height * (row_bytes + 1):
-        return "undecodable image: PNG pixel data is incomplete"
-    filters = np.frombuffer(rows, np.uint8)[:: row_bytes + 1]
-    if filters.max(initial=0) > 4:
-        return "undecodable image: PNG has an invalid row filter"
-    return width, height
+def _pil_open(fp: io.BytesIO) -> Image.Image:
+    """Pillow's own Image.open. Importing ultralytics replaces PIL.Image.open process-wide with a
+    wrapper that, on a file Pillow cannot identify, tries to pip-install pi-heif and then raises
+    ModuleNotFoundError (ultralytics/utils/patches.py). Validation must get Pillow's
+    UnidentifiedImageError instead, whatever was imported before it."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None) if patches is not None else None
+    return (original or Image.open)(fp)
 
 
 def decode_check(data: bytes, ext: str) -> tuple[int, int] | str:
-    """(width, height) when the bytes decode as an image, else the reason they do not."""
+    """(width, height) when the bytes decode as an image, else the reason they do not.
+
+    A full decode with Pillow: it reads every pixel, so a truncated file or a corrupt compressed
+    stream fails here and not later in a training loop. For PNG, `verify()` first checks every
+    chunk's CRC, which catches flipped bytes that still inflate.
+    """
     if not data:
         return "undecodable image: the file is empty"
-    checked = png_check(data) if ext == ".png" else None
-    if checked is not None:
-        return checked
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.size == 0:
-        return f"undecodable image: not a valid {ext.lstrip('.').upper()} file"
-    if ext in (".jpg", ".jpeg") and b"\xff\xd9" not in data[-1024:]:
-        return "undecodable image: JPEG is truncated (no end-of-image marker)"
-    return int(arr.shape[1]), int(arr.shape[0])
+    kind = ext.lstrip(".").upper()
+    try:
+        if ext == ".png":
+            with _pil_open(io.BytesIO(data)) as image:
+                image.verify()
+        with _pil_open(io.BytesIO(data)) as image:
+            image.load()
+            width, height = image.size
+    except UnidentifiedImageError:  # its message holds a memory address: not for a reproducible quarantine
+        return f"undecodable image: not a valid {kind} file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"undecodable image: {kind} data is corrupt or truncated ({exc})"
+    if width == 0 or height == 0:
+        return f"undecodable image: {kind} has zero width or height"
+    return width, height
 
 
 # --- the scan ----------------------------------------------------------------------------------

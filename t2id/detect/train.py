@@ -6,7 +6,8 @@
   3. train with `T2IDDetectionTrainer` (paper Sec. III-B: AdamW, lr 1e-3, wd 0.01, dropout 0.1),
   4. read per-class mAP50-95 / mAP50 / precision / recall and PR curves of best.pt on the val fold.
 `detect_on_store(...)` materializes the fold from the run store, calls `detect`, and writes best
-weights + metrics back under `out_prefix`.
+weights + metrics back under the grid's trial folder. `device` is ultralytics' spelling ('cpu', '0'):
+callers choose it with t2id.devices.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2id import layout
 from t2id.detect.config import DetectorConfig, StrategySpec, resolve_strategy
 from t2id.detect.trainer import T2IDDetectionTrainer
 from t2id.errors import UserError
@@ -180,25 +182,25 @@ def collect_result(trainer: T2IDDetectionTrainer, strategy: str, seconds: float)
 
 
 def detect_on_store(run_store, fold: int, strategy: StrategySpec | str, detector: DetectorConfig, cache_dir: Path,
-                    seed: int, synthetic=None, out_prefix: str | None = None, device: str = "cpu",
-                    workers: int = 0) -> DetectResult:
-    """Materialize `fold` from the run store, train, and write `<out_prefix>/best.pt` + `metrics.json`.
+                    seed: int, synthetic=None, device: str = "cpu", workers: int = 0) -> DetectResult:
+    """Materialize `fold` from the run store, train, and write the best weights + metrics back.
 
-    out_prefix defaults to `grid/fold=<k>/strategy=<name>`. A strategy with synthetic=True needs the
-    run's labelled synthetic rows (`synthetic`, a pyarrow table); other strategies ignore them.
+    The keys are the grid's (`layout.grid.weights` / `trial_metrics` of (fold, strategy)). A strategy
+    with synthetic=True needs the run's labelled synthetic rows (`synthetic`, a pyarrow table); other
+    strategies ignore them.
     """
     from t2id.data.materialize import materialize_fold
 
     strategy = resolve_strategy(strategy)
     if strategy.synthetic and synthetic is None:
         raise UserError(f"strategy {strategy.name!r} trains on synthetic images but none were given for fold "
-                        f"{fold}: run the generate and label stages first (label/fold={fold}/labels.parquet).")
-    out_prefix = out_prefix or f"grid/fold={fold}/strategy={strategy.name}"
+                        f"{fold}: run the generate and label stages first ({layout.label.labels(fold)}).")
+    weights_key = layout.grid.weights(fold, strategy.name)
     cache_dir = Path(cache_dir)
     fold_data = materialize_fold(run_store, fold, cache_dir, synthetic=synthetic if strategy.synthetic else None)
-    work = cache_dir / "detect" / out_prefix.replace("/", "_")
+    work = cache_dir / "detect" / layout.grid.trial(fold, strategy.name).replace("/", "_")
     result = detect(fold_data.data_yaml, strategy, detector, work, seed, device=device, workers=workers)
-    run_store.write_file(f"{out_prefix}/best.pt", result.best_weights)
-    payload = {"fold": int(fold), **result.to_json(), "best_weights": f"{out_prefix}/best.pt"}
-    run_store.write_text(f"{out_prefix}/metrics.json", json.dumps(payload, indent=2))
+    run_store.write_file(weights_key, result.best_weights)
+    payload = {"fold": int(fold), **result.to_json(), "best_weights": weights_key}
+    run_store.write_text(layout.grid.trial_metrics(fold, strategy.name), json.dumps(payload, indent=2))
     return result

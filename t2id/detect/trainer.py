@@ -50,58 +50,73 @@ def is_integration_callback(callback: Callable) -> bool:
 # Dataset: mosaic/mixup partners follow the sampler
 # ----------------------------------------------------------------------------------------------
 
-# The mix transforms of ultralytics with partner images from `dataset.draw_partners` instead of uniform draws.
+# ultralytics' mix transforms with partner images from `dataset.draw_partners` instead of uniform draws.
+# Each is built through its own constructor, with the arguments ultralytics chose for the transform it
+# stands in for (`like`), so nothing depends on a transform's private state.
 
 class SampledMosaic(Mosaic):
     def get_indexes(self) -> list[int]:
         return self.dataset.draw_partners(self.n - 1)
+
+    @classmethod
+    def like(cls, mosaic: Mosaic, pre_transform: Any = None) -> SampledMosaic:
+        return cls(mosaic.dataset, imgsz=mosaic.imgsz, p=mosaic.p, n=mosaic.n)
 
 
 class SampledMixUp(MixUp):
     def get_indexes(self) -> int:
         return self.dataset.draw_partners(1)[0]
 
+    @classmethod
+    def like(cls, mixup: MixUp, pre_transform: Any = None) -> SampledMixUp:
+        return cls(mixup.dataset, pre_transform=pre_transform, p=mixup.p)
+
 
 class SampledCutMix(CutMix):
     def get_indexes(self) -> int:
         return self.dataset.draw_partners(1)[0]
+
+    @classmethod
+    def like(cls, cutmix: CutMix, pre_transform: Any = None) -> SampledCutMix:
+        return cls(cutmix.dataset, pre_transform=pre_transform, p=cutmix.p, beta=cutmix.beta,
+                   num_areas=cutmix.num_areas)
 
 
 class SampledCopyPaste(CopyPaste):
     def get_indexes(self) -> int:
         return self.dataset.draw_partners(1)[0]
 
+    @classmethod
+    def like(cls, copy_paste: CopyPaste, pre_transform: Any = None) -> SampledCopyPaste:
+        return cls(copy_paste.dataset, pre_transform=pre_transform, p=copy_paste.p, mode=copy_paste.mode)
 
-_SAMPLED_TRANSFORMS: dict[type, type] = {
+
+_SAMPLED_TRANSFORMS: dict[type, Any] = {
     Mosaic: SampledMosaic, MixUp: SampledMixUp, CutMix: SampledCutMix, CopyPaste: SampledCopyPaste,
 }
 
 
-def _as_subclass(transform: Any, cls: type) -> Any:
-    """A `cls` instance carrying `transform`'s state (cls subclasses type(transform), adding get_indexes only)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(vars(transform))
-    return new
+def with_sampled_partners(transform: Any, built: dict[int, Any] | None = None) -> Any:
+    """The same pipeline with every mix transform (at any depth of nested Composes, including mix
+    transforms' own pre_transforms) replaced by its sampled counterpart.
 
-
-def follow_sampler(transform: Any, memo: dict[int, Any] | None = None) -> Any:
-    """Replace mix transforms in a (nested) Compose by their sampler-following subclasses.
-
-    Shared sub-pipelines (MixUp's pre_transform is the same Compose as the first stage) stay shared.
+    Shared sub-pipelines stay shared (MixUp's pre_transform is the very Compose of the first stage):
+    `built` maps each original object to its replacement.
     """
-    memo = {} if memo is None else memo
-    if id(transform) in memo:
-        return memo[id(transform)]
+    built = {} if built is None else built
+    if id(transform) in built:
+        return built[id(transform)]
     if isinstance(transform, Compose):
-        memo[id(transform)] = transform
-        transform.transforms = [follow_sampler(t, memo) for t in transform.transforms]
+        built[id(transform)] = transform
+        transform.transforms = [with_sampled_partners(t, built) for t in transform.transforms]
         return transform
-    new = transform
-    if type(transform) in _SAMPLED_TRANSFORMS:
-        new = _as_subclass(transform, _SAMPLED_TRANSFORMS[type(transform)])
-        if getattr(new, "pre_transform", None) is not None:
-            new.pre_transform = follow_sampler(new.pre_transform, memo)
-    memo[id(transform)] = new
+    sampled = _SAMPLED_TRANSFORMS.get(type(transform))
+    if sampled is None:
+        built[id(transform)] = transform
+        return transform
+    pre = getattr(transform, "pre_transform", None)
+    new = sampled.like(transform, None if pre is None else with_sampled_partners(pre, built))
+    built[id(transform)] = new
     return new
 
 
@@ -136,7 +151,9 @@ class SampledYOLODataset(YOLODataset):
         return picks
 
     def build_transforms(self, hyp: Any = None) -> Compose:
-        return follow_sampler(super().build_transforms(hyp))
+        # ultralytics composes the pipeline (v8_transforms, also after close_mosaic); the mix steps in it
+        # are then built again as their sampled subclasses.
+        return with_sampled_partners(super().build_transforms(hyp))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         self.primary_draws[index] += 1

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from t2id import layout
 from t2id.errors import UserError
 
 app = typer.Typer(help="Model weights for air-gapped clusters.", no_args_is_help=True)
@@ -120,7 +121,7 @@ def cache(
         target = str(local)
         if upload:
             target = fetch.upload_to if fetch.upload_to and fetch.upload_to.startswith("s3://") \
-                else store_from_config(cfg.store).uri(f"models/{fetch.kind}/{fetch.name}")
+                else store_from_config(cfg.store).uri(layout.evaluate.model(fetch.kind, fetch.name))
             upload_path(local, target, endpoint_url=cfg.store.endpoint_url)
             out.print(f"  uploaded to {target}")
         settings.append(f"{fetch.config_key}: {target}")

@@ -101,6 +101,24 @@ def resolve_inception(source: str, cache_dir: Path, endpoint_url: str | None = N
     return resolve_weights_file(source, cache_dir, CONFIG_KEY, endpoint_url)
 
 
+def check_inception_source(source: str, endpoint_url: str | None = None) -> None:
+    """Fail early, on the driver, with the config key when `evaluate.inception_weights` does not exist
+    (without downloading it: the actors that load it fetch it into their node's cache)."""
+    from t2id.errors import UserError
+    from t2id.evaluate.weights import CACHE_HINT
+    from t2id.store import open_store
+
+    if source == "tiny":
+        return
+    if source.startswith("s3://"):
+        parent, _, name = source.rstrip("/").rpartition("/")
+        present = bool(name) and open_store(parent, endpoint_url=endpoint_url).exists(name)
+    else:
+        present = Path(source).expanduser().is_file()
+    if not present:
+        raise UserError(f"{CONFIG_KEY}: {source} not found; " + CACHE_HINT.format(kind="file"))
+
+
 def load_inception(weights_path: Path, device: str = "cpu") -> nn.Module:
     """Load a weights file (torch-fidelity state dict or the tiny stand-in); eval mode, no grads."""
     try:

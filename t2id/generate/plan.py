@@ -12,10 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+
+from t2id import layout
+from t2id.errors import UserError
+
+if TYPE_CHECKING:
+    from t2id.generate.settings import GenerateSettings
+    from t2id.lora.config import TargetClass
 
 SEED_NAMESPACE = "t2id/generate/seed/v1"
 
@@ -29,8 +37,8 @@ PLAN_SCHEMA = pa.schema([
     ("prompt", pa.string()),
     ("negative_prompt", pa.string()),
     ("name", pa.string()),
-    ("key", pa.string()),  # run-relative store key of the PNG
-    ("record_key", pa.string()),  # run-relative key of the per-image JSON record (written after the PNG)
+    ("key", pa.string()),  # run-relative store key of the PNG (layout.generate.image)
+    ("record_key", pa.string()),  # key of the per-image JSON record, written after the PNG (layout.generate.record)
     ("params_digest", pa.string()),  # sha256 of everything that determines the pixels
 ])
 
@@ -58,12 +66,20 @@ class GenParams:
     lora_sha256: str
 
 
-def class_slug(name: str) -> str:
-    """'tracheal ring' -> 'tracheal-ring': a folder-safe, stable class name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if not slug:
-        raise ValueError(f"class name {name!r} has no letters or digits to name a folder after")
-    return slug
+def gen_params(s: GenerateSettings, lora_sha256: str) -> GenParams:
+    g = s.generate
+    return GenParams(negative_prompt=g.negative_prompt, steps=g.steps, guidance=float(g.guidance),
+                     scheduler=g.scheduler, width=g.width, height=g.height, base_model=s.base_model,
+                     lora_sha256=lora_sha256)
+
+
+def plan_classes(targets: Sequence[TargetClass], names: Sequence[str]) -> list[PlanClass]:
+    """lora.target_classes with their ids in data/classes.json (`names`)."""
+    unknown = [t.name for t in targets if t.name not in names]
+    if unknown:
+        raise UserError(f"lora.target_classes {unknown} are not classes of the dataset (data/classes.json: "
+                        f"{list(names)}); fix the names in the config")
+    return [PlanClass(t.name, list(names).index(t.name), tuple(t.prompts)) for t in targets]
 
 
 def derive_seed(run_seed: int, fold: int, class_name: str, index: int) -> int:
@@ -73,11 +89,7 @@ def derive_seed(run_seed: int, fold: int, class_name: str, index: int) -> int:
 
 
 def image_name(fold: int, class_name: str, index: int, seed: int) -> str:
-    return f"{class_slug(class_name)}-f{fold}-{index:05d}-{seed:016x}"
-
-
-def fold_prefix(fold: int) -> str:
-    return f"generate/fold={fold}"
+    return f"{layout.slug(class_name)}-f{fold}-{index:05d}-{seed:016x}"
 
 
 def params_digest(prompt: str, seed: int, params: GenParams) -> str:
@@ -93,7 +105,6 @@ def plan_rows(run_seed: int, fold: int, cls: PlanClass, params: GenParams, start
         seed = derive_seed(run_seed, fold, cls.name, index)
         prompt = cls.prompts[index % len(cls.prompts)]
         name = image_name(fold, cls.name, index, seed)
-        slug = class_slug(cls.name)
         rows.append({
             "fold": fold,
             "class_id": cls.class_id,
@@ -104,8 +115,8 @@ def plan_rows(run_seed: int, fold: int, cls: PlanClass, params: GenParams, start
             "prompt": prompt,
             "negative_prompt": params.negative_prompt,
             "name": name,
-            "key": f"{fold_prefix(fold)}/images/{slug}/{name}.png",
-            "record_key": f"{fold_prefix(fold)}/records/{slug}/{name}.json",
+            "key": layout.generate.image(fold, cls.name, name),
+            "record_key": layout.generate.record(fold, cls.name, name),
             "params_digest": params_digest(prompt, seed, params),
         })
     return rows

@@ -18,14 +18,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from t2id.generate.config import QualityGate
+from t2id import layout
 from t2id.generate.quality import measure
+from t2id.generate.settings import GenerateSettings
 from t2id.store import Store
 
 # generate.scheduler -> diffusers class name (all built with from_config on the model's scheduler config)
@@ -56,36 +56,44 @@ def png_bytes(pixels_hwc: np.ndarray) -> bytes:
 
 
 class ImageGenerator:
-    """Callable class for `Dataset.map_batches`: plan rows in, PNGs in the store, provenance out."""
+    """Callable class for `Dataset.map_batches`: plan rows in, PNGs in the store, provenance out.
 
-    def __init__(self, store: Store, base_model: str, cache_dir: str, adapter_key: str | None,
-                 lora_sha256: str, scheduler: str, steps: int, guidance: float, width: int, height: int,
-                 gate: dict[str, Any], device: str = "cpu", dtype: str = "auto", allow_network: bool = False,
-                 endpoint_url: str | None = None, batched_pipeline: bool = False, clip_weights: str = "tiny",
-                 torch_threads: int | None = None) -> None:
+    It builds itself from the stage settings (re-validated here, on the actor that received them)
+    and the fold; the rest says where it runs: the run's store, the local cache, the S3 endpoint of
+    weights outside the store, the device its actor was placed on.
+    """
+
+    PLAN_COLUMNS = ("key", "record_key", "params_digest", "prompt", "negative_prompt", "seed")  # read by __call__
+
+    def __init__(self, settings: GenerateSettings, store: Store, fold: int, cache_dir: str,
+                 endpoint_url: str | None = None, device: str = "cpu", torch_threads: int | None = None) -> None:
         from t2id.lora.models import load_sdxl_pipeline
 
+        s = GenerateSettings.model_validate(settings.model_dump())
         if torch_threads:
             torch.set_num_threads(torch_threads)  # one actor per reserved CPU: no oversubscription
+        g = s.generate
         self.store = store
         self.device = device
-        self.steps, self.guidance, self.width, self.height = steps, guidance, width, height
-        self.gate = QualityGate(**gate)
-        self.batched_pipeline = batched_pipeline
-        self.provenance = {"base_model": base_model, "lora_sha256": lora_sha256, "scheduler": scheduler}
+        self.steps, self.guidance, self.width, self.height = g.steps, g.guidance, g.width, g.height
+        self.gate = g.quality
+        self.batched_pipeline = g.batched_pipeline
+        adapter_key = layout.lora.adapter(fold) if s.use_adapter else None
+        lora_sha256 = store.sha256(adapter_key) if adapter_key else ""
+        self.provenance = {"base_model": s.base_model, "lora_sha256": lora_sha256, "scheduler": g.scheduler}
         cache = Path(cache_dir).expanduser()
-        self.pipe = load_sdxl_pipeline(base_model, cache, allow_network=allow_network,
-                                       torch_dtype=resolve_dtype(dtype, device), device=device,
+        self.pipe = load_sdxl_pipeline(s.base_model, cache, allow_network=s.allow_network,
+                                       torch_dtype=resolve_dtype(g.dtype, device), device=device,
                                        endpoint_url=endpoint_url)
-        if scheduler != "default":
+        if g.scheduler != "default":
             import diffusers
 
-            cls = getattr(diffusers, SCHEDULER_CLASSES[scheduler])
+            cls = getattr(diffusers, SCHEDULER_CLASSES[g.scheduler])
             self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
         if adapter_key:
             # The adapter is content-addressed in the local cache, so every actor on a node reuses one copy.
             local_dir = cache / "adapters" / lora_sha256[:16]
-            local_file = local_dir / "pytorch_lora_weights.safetensors"
+            local_file = local_dir / layout.lora.adapter_file
             if not local_file.exists():
                 store.read_file(adapter_key, local_file)
             from diffusers.utils import logging as diffusers_logging
@@ -103,7 +111,7 @@ class ImageGenerator:
         if self.gate.min_clip_score is not None:
             from t2id.evaluate.clip_score import ClipScorer
 
-            self.clip = ClipScorer(clip_weights, cache, device=device, endpoint_url=endpoint_url)
+            self.clip = ClipScorer(s.clip_weights, cache, device=device, endpoint_url=endpoint_url)
 
     def render(self, prompts: list[str], negative_prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
         """uint8 HxWx3 images; one Generator per image. Batched pipeline calls are faster on GPUs but

@@ -34,7 +34,12 @@ class TeacherConfig(Section):
     imgsz: int | None = Field(None, ge=32, description="Prediction size in pixels (default: the detector's imgsz).")
     iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold of the teacher's predictions.")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device to train and predict on: auto = cuda when available, else cpu."
+        "auto",
+        description="Device of the teacher's Ray task (training and prediction): auto = one GPU when the Ray "
+        "cluster has one, else cpu; cuda = one GPU (error if the cluster has none).",
+    )
+    cpus: float = Field(
+        1.0, gt=0, description="CPUs the teacher's Ray task reserves per fold (its torch threads use them)."
     )
     workers: int = Field(0, ge=0, description="Dataloader workers of teacher training.")
 

@@ -4,11 +4,13 @@ For each target class of a fold (lora.target_classes), N images:
   1. Plan: index i gets a seed from the generate helper's `derive_seed` (namespace 'inpaint:<class>'),
      a source = one of the fold's real TRAIN images holding the class (picked by the seed), and a mask =
      each of the source's target-class boxes grown by label.inpaint.box_margin. Names and keys follow
-     generate's `image_name`, under label/fold=<k>/inpaint/{images,records}/<class-slug>/.
-  2. Verify and run exactly once with the generate helper's machinery: `verified_records` finds rows
-     already done (record present, same parameters, PNG checksum matches); `run_ray` runs the rest
-     with Ray Data on an actor pool of `InpaintGenerator`, a subclass of generate's `ImageGenerator`
-     (same pipeline loading, LoRA, seeding, quality gate, atomic PNG + JSON record commit).
+     generate's `image_name`, under layout.label.inpaint(k)/{images,records}/<class-slug>/.
+  2. Verify and run exactly once with generate's machinery (t2id.generate.core): `verified_records`
+     finds rows already done (record present, same parameters, PNG checksum matches); the executor
+     the stage hands in (generate's Ray Data layer) runs the rest on an actor pool of
+     `InpaintGenerator`, a subclass of generate's `ImageGenerator` (same pipeline loading, LoRA,
+     seeding, quality gate, atomic PNG + JSON record commit). Its settings are the label settings,
+     whose `inpainting` field is generate's settings with the label.inpaint overrides.
   3. `InpaintGenerator.render` builds `StableDiffusionXLInpaintPipeline.from_pipe` on the fold's
      text-to-image pipeline (same UNet with the fold's adapter, VAE, text encoders), inpaints the
      mask with the class prompt, and pastes the result into the source inside the mask only: the VAE
@@ -25,28 +27,24 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from t2id import layout
 from t2id.data.manifest import SYNTHETIC_SCHEMA, image_id_of, load_fold_rows
 from t2id.errors import UserError
-from t2id.generate.config import GenerateConfig
-from t2id.generate.plan import GenParams, PlanClass, class_slug, derive_seed, image_name, params_digest
+from t2id.events import Events, LogEvents
+from t2id.generate.core import Executor, execute_rows, record_from_batch, remove_stale, verified_records
+from t2id.generate.plan import PlanClass, derive_seed, gen_params, image_name, params_digest
 from t2id.generate.quality import judge
-from t2id.generate.run import FoldJob, _record_from_batch, run_ray, verified_records
 from t2id.generate.worker import ImageGenerator
-from t2id.label.config import InpaintConfig
+from t2id.label.settings import LabelSettings
 from t2id.store import Store
 
 Rect = tuple[float, float, float, float]  # normalized (x0, y0, x1, y1)
-
-
-def inpaint_prefix(fold: int) -> str:
-    return f"label/fold={fold}/inpaint"
 
 
 def mask_rects(boxes: list[dict], class_id: int, margin: float) -> list[Rect]:
@@ -80,15 +78,24 @@ def source_pixels(store: Store, key: str, width: int, height: int) -> np.ndarray
 
 
 class InpaintGenerator(ImageGenerator):
-    """generate's callable class with an inpainting `render`: needs the plan columns source_key and mask_rects."""
+    """generate's callable class with an inpainting `render`, built from the label settings (their
+    `inpainting` generate settings and label.inpaint.strength); needs the plan columns source_key and
+    mask_rects."""
 
-    def __init__(self, *, strength: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # loads the fold's SDXL pipeline + adapter, scheduler, quality gate
+    PLAN_COLUMNS = (*ImageGenerator.PLAN_COLUMNS, "source_key", "mask_rects")
+
+    def __init__(self, settings: LabelSettings, store: Store, fold: int, cache_dir: str,
+                 endpoint_url: str | None = None, device: str = "cpu", torch_threads: int | None = None) -> None:
+        s = LabelSettings.model_validate(settings.model_dump())
+        if s.inpainting is None:
+            raise ValueError("InpaintGenerator needs label settings of the inpaint method (label.method: inpaint)")
+        # loads the fold's SDXL pipeline + adapter, scheduler, quality gate
+        super().__init__(s.inpainting, store, fold, cache_dir, endpoint_url, device, torch_threads)
         from diffusers import StableDiffusionXLInpaintPipeline
 
         self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.pipe)  # shares the components
         self.inpaint.set_progress_bar_config(disable=True)
-        self.strength = strength
+        self.strength = s.label.inpaint.strength
         self._rows: list[tuple[str, list[Rect]]] = []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,119 +121,82 @@ class InpaintGenerator(ImageGenerator):
         return images
 
 
-@dataclass
-class InpaintJob:
-    store: Store  # the run's store
-    fold: int
-    classes: list[PlanClass]
-    run_seed: int
-    generate: GenerateConfig
-    inpaint: InpaintConfig
-    base_model: str
-    cache_dir: str
-    adapter_key: str | None = None
-    allow_network: bool = False
-    endpoint_url: str | None = None
-
-
-def effective_generate(job: InpaintJob) -> GenerateConfig:
-    """generate's settings with the inpaint overrides (steps, guidance, count) and without the CLIP gate."""
-    c = job.inpaint
-    quality = job.generate.quality.model_copy(update={"min_clip_score": None})
-    return job.generate.model_copy(update={
-        "steps": c.steps or job.generate.steps,
-        "guidance": job.generate.guidance if c.guidance is None else c.guidance,
-        "images_per_class": c.images_per_class or job.generate.images_per_class,
-        "quality": quality,
-    })
-
-
-def plan_inpaint(job: InpaintJob, lora_sha256: str) -> list[dict]:
-    """Step 1: the plan rows of the fold (deterministic from the config and the fold's train rows)."""
-    cfg = effective_generate(job)
-    train = load_fold_rows(job.store, job.fold, "train").to_pylist()
-    params = GenParams(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=float(cfg.guidance),
-                       scheduler=cfg.scheduler, width=cfg.width, height=cfg.height, base_model=job.base_model,
-                       lora_sha256=lora_sha256)
-    prefix = inpaint_prefix(job.fold)
+def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], lora_sha256: str
+                 ) -> list[dict]:
+    """Step 1: the plan rows of the fold (deterministic from the settings and the fold's train rows)."""
+    assert s.inpainting is not None
+    gen, inp = s.inpainting, s.label.inpaint
+    g = gen.generate
+    train = load_fold_rows(store, fold, "train").to_pylist()
+    params = gen_params(gen, lora_sha256)
     rows = []
-    for cls in job.classes:
+    for cls in classes:
         candidates = [r for r in train if any(b["class_id"] == cls.class_id for b in r["boxes"] or [])]
         if not candidates:
             continue  # the stage reports classes without a source image
-        slug = class_slug(cls.name)
-        for index in range(cfg.images_per_class):
-            seed = derive_seed(job.run_seed, job.fold, f"inpaint:{cls.name}", index)
+        for index in range(g.images_per_class):
+            seed = derive_seed(gen.run_seed, fold, f"inpaint:{cls.name}", index)
             source = candidates[seed % len(candidates)]
-            rects = mask_rects(source["boxes"], cls.class_id, job.inpaint.box_margin)
+            rects = mask_rects(source["boxes"], cls.class_id, inp.box_margin)
             prompt = cls.prompts[index % len(cls.prompts)]
-            name = image_name(job.fold, cls.name, index, seed)
+            name = image_name(fold, cls.name, index, seed)
             digest = hashlib.sha256(json.dumps({
                 "generate": params_digest(prompt, seed, params), "source": source["sha256"], "rects": rects,
-                "strength": job.inpaint.strength, "method": "inpaint-in-box/v1"}, sort_keys=True).encode()).hexdigest()
+                "strength": inp.strength, "method": "inpaint-in-box/v1"}, sort_keys=True).encode()).hexdigest()
             rows.append({
-                "fold": job.fold, "class_id": cls.class_id, "class_name": cls.name, "index": index, "seed": seed,
-                "prompt": prompt, "negative_prompt": cfg.negative_prompt, "name": name,
-                "key": f"{prefix}/images/{slug}/{name}.png", "record_key": f"{prefix}/records/{slug}/{name}.json",
-                "params_digest": digest, "source_key": job.store.key_of(source["uri"]),
+                "fold": fold, "class_id": cls.class_id, "class_name": cls.name, "index": index, "seed": seed,
+                "prompt": prompt, "negative_prompt": g.negative_prompt, "name": name,
+                "key": layout.label.inpaint_image(fold, cls.name, name),
+                "record_key": layout.label.inpaint_record(fold, cls.name, name),
+                "params_digest": digest, "source_key": store.key_of(source["uri"]),
                 "source_image_id": source["image_id"], "source_boxes": source["boxes"],
                 "mask_rects": json.dumps(rects),
             })
     return rows
 
 
-def inpaint_fold(job: InpaintJob, worker_cls: type = InpaintGenerator) -> tuple[list[dict], dict[str, Any]]:
-    """Steps 1-4 for one fold, idempotent: (rows for labels.parquet, summary facts)."""
-    store = job.store
-    lora_sha256 = store.sha256(job.adapter_key) if job.adapter_key else ""
-    cfg = effective_generate(job)
-    if int(cfg.steps * job.inpaint.strength) < 1:  # the pipeline denoises only the last strength x steps
-        raise UserError(f"label.inpaint.strength={job.inpaint.strength} x steps={cfg.steps} leaves no denoising "
+def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], executor: Executor,
+                 events: Events | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Steps 1-4 for one fold, idempotent: (rows for labels.parquet, summary facts).
+
+    `executor` renders plan rows with `InpaintGenerator` workers (the stage: generate's Ray Data layer)."""
+    assert s.inpainting is not None
+    events = events or LogEvents()
+    gen = s.inpainting
+    g = gen.generate
+    if int(g.steps * s.label.inpaint.strength) < 1:  # the pipeline denoises only the last strength x steps
+        raise UserError(f"label.inpaint.strength={s.label.inpaint.strength} x steps={g.steps} leaves no denoising "
                         "step; raise label.inpaint.steps or label.inpaint.strength")
-    plan = plan_inpaint(job, lora_sha256)
-    prefix = inpaint_prefix(job.fold)
-    listed = set(store.list(prefix))
-    records = verified_records(store, plan, listed, need_clip=False)
+    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    plan = plan_inpaint(store, s, fold, classes, lora_sha256)
+    records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold))), need_clip=False)
     reused = len(records)
     todo = [r for r in plan if r["key"] not in records]
-    fold_job = FoldJob(store=store, fold=job.fold, classes=job.classes, run_seed=job.run_seed, cfg=cfg,
-                       base_model=job.base_model, cache_dir=job.cache_dir, adapter_key=job.adapter_key,
-                       allow_network=job.allow_network, endpoint_url=job.endpoint_url,
-                       worker_kwargs={"strength": job.inpaint.strength},
-                       row_columns=("source_key", "mask_rects"))
     if todo:
-        by_key = {r["key"]: r for r in todo}
+        def make_record(batch: dict[str, Any], i: int, row: dict) -> dict:
+            return record_from_batch(batch, i, row, gen.base_model, g.scheduler, lora_sha256)
 
-        def on_batch(batch: dict[str, Any]) -> None:
-            for i, key in enumerate(batch["key"]):
-                row = by_key[str(key)]
-                records[row["key"]] = _record_from_batch(batch, i, row, fold_job, lora_sha256)
-
-        run_ray(todo, fold_job, lora_sha256, worker_cls, on_batch)
-        missing = [k for k in by_key if k not in records]
-        if missing:
-            raise RuntimeError(f"fold {job.fold}: {len(missing)} planned inpaintings were not made, e.g. {missing[0]}; "
-                               "rerun to resume")
+        with events.progress(f"label fold {fold}: inpainted images", len(todo)) as advance:
+            execute_rows(f"label fold {fold} inpainting", todo, executor, records, make_record, advance)
     # Objects of an older plan (changed config) would otherwise linger next to the current ones.
-    wanted = {r["key"] for r in plan} | {r["record_key"] for r in plan}
-    stale = [k for sub in ("images", "records") for k in store.list(f"{prefix}/{sub}") if k not in wanted]
-    for key in stale:
-        store.delete(key)
-    rows = [inpaint_row(store, row, records[row["key"]], cfg) for row in plan]
-    return rows, {"planned": len(plan), "made": len(plan) - reused, "reused": reused, "removed": len(stale)}
+    removed = remove_stale(store, plan, [layout.label.inpaint_images(fold), layout.label.inpaint_records(fold)])
+    rows = [inpaint_row(store, row, records[row["key"]], s) for row in plan]
+    return rows, {"planned": len(plan), "made": len(plan) - reused, "reused": reused, "removed": removed}
 
 
-def inpaint_row(store: Store, row: dict, record: dict, cfg: GenerateConfig) -> dict:
+def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict:
     """Step 4: a labels.parquet row (SYNTHETIC_SCHEMA columns + inpaint provenance)."""
-    verdict = judge(record["std"], record["entropy"], None, cfg.quality)  # current thresholds
+    assert s.inpainting is not None
+    g = s.inpainting.generate
+    verdict = judge(record["std"], record["entropy"], None, g.quality)  # current thresholds
     out = {name: None for name in SYNTHETIC_SCHEMA.names}
     out.update({
         "image_id": image_id_of(record["sha256"]), "uri": store.uri(row["key"]),
         "width": record["width"], "height": record["height"],
-        "group": f"synthetic-fold{row['fold']}-{class_slug(row['class_name'])}", "source": "synthetic",
+        "group": f"synthetic-fold{row['fold']}-{layout.slug(row['class_name'])}", "source": "synthetic",
         "boxes": [dict(b) for b in row["source_boxes"]], "sha256": record["sha256"], "fold": row["fold"],
         "class_id": row["class_id"], "prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
-        "seed": row["seed"], "steps": cfg.steps, "guidance": cfg.guidance, "scheduler": cfg.scheduler,
+        "seed": row["seed"], "steps": g.steps, "guidance": g.guidance, "scheduler": g.scheduler,
         "base_model": record["base_model"], "lora_sha256": record["lora_sha256"], "entropy": record["entropy"],
         "std": record["std"], "clip_score": None, "kept": verdict.kept,
         "reject_reason": verdict.reject_reason or None, "label_source": "inpaint",

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import uniform_filter
 
+from t2id.store import Store
+
 WORK_SIDE = 256  # training images are kept at this side (grey) so crops of a mask rectangle stay sharp
 SSIM_WINDOW = 7
 C1 = (0.01 * 255) ** 2
@@ -112,22 +114,36 @@ def flag_memorized(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def histogram_png(scores: Sequence[float], threshold: float) -> bytes:
-    """The score distribution with the flag threshold (report figure label/memorization_hist.png)."""
-    import pandas as pd
+    """The score distribution with the flag threshold (label/memorization_hist.png), as PNG bytes."""
+    import io
 
-    from t2id.report.figures import memorization_hist
+    import matplotlib
 
-    return memorization_hist(pd.Series(np.asarray(scores, dtype=np.float64)), threshold)
+    matplotlib.use("Agg")  # no display: safe in Ray workers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    values = np.asarray(scores, dtype=np.float64)
+    ax.hist(values[~np.isnan(values)], bins=30, color="tab:purple")
+    ax.axvline(threshold, color="k", linestyle="--", label=f"flag threshold {threshold:g}")
+    ax.legend()
+    ax.set_xlabel("nearest-neighbour similarity to the generator's training images")
+    ax.set_ylabel("synthetic images")
+    ax.set_title("Memorization check")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
-def load_grey(store, uri: str, side: int = WORK_SIDE) -> np.ndarray:
+def load_grey(store: Store, uri: str, side: int = WORK_SIDE) -> np.ndarray:
     """A store image (full URI) as grey pixels at side x side."""
     import io
 
     return grey(Image.open(io.BytesIO(store.read_bytes(store.key_of(uri)))), side)
 
 
-def score_rows(store, rows: list[dict], training: list[dict], feature: str, size: int, threshold: float,
+def score_rows(store: Store, rows: list[dict], training: list[dict], feature: str, size: int, threshold: float,
                reject: bool) -> list[dict]:
     """Add nn_similarity, nn_image_id and memorized to synthetic rows; reject flagged rows when asked.
 

@@ -1,19 +1,22 @@
 """Teacher pseudo-labels: a detector trained on a fold's real TRAIN images boxes its synthetic images.
 
   1. Teacher weights per fold (`label.teacher.source`): train one with the detect helper
-     (`t2id.detect.train.detect`, strategy `baseline`, the grid's detector settings) on the fold's
-     materialized dataset with no synthetic rows. ultralytics needs a val split to pick best.pt; the
-     teacher's data yaml points val at the TRAIN images, so the fold's validation images are never
-     read. Weights are kept at label/fold=<k>/teacher/best.pt with the identity they were trained
-     with, so a rerun reuses them. Or reuse the grid's baseline weights of the fold.
+     (`t2id.detect.train.detect`, strategy `baseline`, label.teacher.detector or grid.detector) on
+     the fold's materialized dataset with no synthetic rows. ultralytics needs a val split to pick
+     best.pt; the teacher's data yaml points val at the TRAIN images, so the fold's validation
+     images are never read. The weights (layout.label.teacher_weights) are a unit memo
+     (t2id.resume) keyed by the fold's data, the detector settings and the seed, so a rerun reuses
+     them. Or reuse the grid's baseline weights of the fold.
   2. Predict boxes on every kept synthetic image (ultralytics `YOLO(weights).predict`, offline).
   3. Keep boxes with confidence >= label.min_confidence; class-consistency gate: the class the
      image was prompted for must be among them, else the image is rejected with that reason.
+Plain functions: `label_fold` runs steps 1-3 wherever it is called; the stage calls it inside a Ray
+task with the teacher's resources (t2id.label.ray_layer), never on the driver.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,21 +25,16 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from t2id.config import sha256_json
-from t2id.data.manifest import CLASSES_KEY, FOLDS_KEY, MANIFEST_KEY
+from t2id import layout
+from t2id.data.manifest import load_classes
 from t2id.detect.config import PRESETS, DetectorConfig
+from t2id.devices import resolve_device, ultralytics_device
 from t2id.errors import UserError
+from t2id.label.settings import LabelSettings
+from t2id.resume import Memo, memoized
 from t2id.store import Store
 
 REJECT_NOT_FOUND = "target class not found"
-
-
-def teacher_prefix(fold: int) -> str:
-    return f"label/fold={fold}/teacher"
-
-
-def grid_baseline_key(fold: int) -> str:
-    return f"grid/fold={fold}/strategy=baseline/best.pt"
 
 
 @dataclass(frozen=True)
@@ -82,58 +80,62 @@ def teacher_data_yaml(data_yaml: Path, out_dir: Path) -> Path:
     return out
 
 
-def teacher_identity(run_store: Store, fold: int, detector: DetectorConfig, seed: int) -> dict:
-    """What decides a trained teacher's weights: the fold's real data, the detector settings, the seed."""
-    return {"fold": int(fold), "detector": detector.model_dump(mode="json"), "seed": int(seed),
-            "strategy": "baseline", "val": "train",
-            "inputs": {k: run_store.sha256(k) for k in (MANIFEST_KEY, FOLDS_KEY, CLASSES_KEY)}}
+def teacher_memo(store: Store, fold: int, detector: DetectorConfig, seed: int, ignore: bool = False) -> Memo:
+    """The fold's trained teacher as a unit of work: the fold's real data, the detector settings, the seed."""
+    identity = {"fold": int(fold), "detector": detector.model_dump(mode="json"), "seed": int(seed),
+                "strategy": "baseline", "val": "train",
+                "inputs": {k: store.sha256(k) for k in (layout.data.manifest, layout.split.folds, layout.data.classes)}}
+    return Memo(store, layout.memo(layout.label.teacher(fold)), identity, ignore=ignore)
 
 
-def train_teacher(run_store: Store, fold: int, detector: DetectorConfig, cache_dir: Path, seed: int,
-                  device: str = "cpu", workers: int = 0) -> str:
-    """Train (or reuse) the fold's teacher; returns the run-relative key of its best.pt."""
+def train_teacher(store: Store, fold: int, detector: DetectorConfig, cache_dir: Path, seed: int,
+                  device: str = "cpu", workers: int = 0, force: bool = False) -> tuple[str, bool]:
+    """Train the fold's teacher, or reuse the one trained before with the same identity (unless `force`).
+
+    Returns (run-relative key of its best.pt, reused). `device` is 'cuda' or 'cpu' (t2id.devices)."""
     from t2id.data.materialize import materialize_fold
     from t2id.detect.train import detect
 
-    prefix = teacher_prefix(fold)
-    identity = teacher_identity(run_store, fold, detector, seed)
-    weights_key, identity_key = f"{prefix}/best.pt", f"{prefix}/identity.json"
-    if run_store.exists(weights_key) and run_store.exists(identity_key):
-        recorded = json.loads(run_store.read_text(identity_key))
-        if recorded.get("identity") == identity and recorded.get("sha256") == run_store.sha256(weights_key):
-            return weights_key  # trained before with the same data and settings
-    fold_data = materialize_fold(run_store, fold, cache_dir, synthetic=None)
-    work = Path(cache_dir).expanduser() / "label-teacher" / f"fold{fold}-{sha256_json(identity)[:12]}"
-    if work.exists():  # a killed earlier attempt: start clean so ultralytics does not mix runs
-        shutil.rmtree(work)
-    data_yaml = teacher_data_yaml(fold_data.data_yaml, work)
-    result = detect(data_yaml, PRESETS["baseline"], detector, work / "runs", seed, device=device, workers=workers)
-    sha = run_store.write_file(weights_key, result.best_weights)
-    # Written after the weights: the identity file is the commit point of a finished teacher.
-    run_store.write_text(identity_key, json.dumps({"identity": identity, "sha256": sha,
-                                                   "train_fit_map50_95": result.overall.get("map50_95")},
-                                                  indent=2, default=str))
-    return weights_key
+    weights_key = layout.label.teacher_weights(fold)
+    memo = teacher_memo(store, fold, detector, seed, ignore=force)
+
+    def train() -> tuple[list[str], dict]:
+        fold_data = materialize_fold(store, fold, cache_dir, synthetic=None)
+        work = Path(cache_dir).expanduser() / "label-teacher" / f"fold{fold}-{memo.digest[:12]}"
+        if work.exists():  # a killed earlier attempt: start clean so ultralytics does not mix runs
+            shutil.rmtree(work)
+        data_yaml = teacher_data_yaml(fold_data.data_yaml, work)
+        result = detect(data_yaml, PRESETS["baseline"], detector, work / "runs", seed,
+                        device=ultralytics_device(device), workers=workers)
+        store.write_file(weights_key, result.best_weights)
+        return [weights_key], {"train_fit_map50_95": result.overall.get("map50_95")}
+
+    _, reused = memoized(memo, train)
+    return weights_key, reused
 
 
-def resolve_teacher(run_store: Store, fold: int, source: str, detector: DetectorConfig, cache_dir: Path,
-                    seed: int, device: str = "cpu", workers: int = 0) -> str:
-    """Run-relative key of the fold's teacher weights for label.teacher.source (train | grid | auto)."""
-    grid_key = grid_baseline_key(fold)
-    if source in ("grid", "auto") and run_store.exists(grid_key):
-        return grid_key
+def resolve_teacher(store: Store, fold: int, s: LabelSettings, cache_dir: Path, device: str,
+                    force: bool = False) -> tuple[str, str]:
+    """(run-relative key of the fold's teacher weights, where they came from) for label.teacher.source."""
+    grid_key = layout.grid.weights(fold, "baseline")
+    source = s.label.teacher.source
+    if source in ("grid", "auto") and store.exists(grid_key):
+        return grid_key, "grid baseline"
     if source == "grid":
-        raise UserError(f"label.teacher.source is 'grid' but {run_store.uri(grid_key)} does not exist: run the "
+        raise UserError(f"label.teacher.source is 'grid' but {store.uri(grid_key)} does not exist: run the "
                         "grid stage with the baseline strategy first, or set label.teacher.source: train")
-    return train_teacher(run_store, fold, detector, cache_dir, seed, device, workers)
+    assert s.teacher_detector is not None  # settings() sets it for the teacher method
+    key, reused = train_teacher(store, fold, s.teacher_detector, cache_dir, s.seed, device,
+                                s.label.teacher.workers, force)
+    return key, "reused" if reused else "trained"
 
 
-def local_weights(run_store: Store, key: str, cache_dir: Path) -> Path:
+def local_weights(store: Store, key: str, cache_dir: Path) -> Path:
     """The weights file in the local cache, keyed by content (predict needs a local path)."""
-    sha = run_store.sha256(key)
+    sha = store.sha256(key)
     path = Path(cache_dir).expanduser() / "label-teacher" / "weights" / f"{sha[:16]}.pt"
     if not path.exists():
-        run_store.read_file(key, path)
+        store.read_file(key, path)
     return path
 
 
@@ -169,8 +171,6 @@ def label_with_teacher(store: Store, rows: list[dict], teacher: Teacher, names: 
 
     Rows the quality gate already rejected keep their reason and get no boxes (nothing is predicted).
     """
-    import io
-
     todo = [i for i, r in enumerate(rows) if r.get("kept") is not False]
     images = [Image.open(io.BytesIO(store.read_bytes(store.key_of(rows[i]["uri"])))) for i in todo]
     preds = teacher.predict(images) if images else []
@@ -182,3 +182,20 @@ def label_with_teacher(store: Store, rows: list[dict], teacher: Teacher, names: 
         out[i].update(boxes=verdict.boxes, confidence=verdict.confidence, kept=verdict.kept,
                       reject_reason=verdict.reject_reason or None, label_source="teacher")
     return out
+
+
+def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force: bool = False
+               ) -> tuple[list[dict], dict]:
+    """Steps 1-3 for one fold: the teacher (trained, reused or the grid's) labels generate's manifest rows.
+
+    Runs where the teacher's resources are (t2id.label.ray_layer); returns (labelled rows, facts)."""
+    lab = s.label
+    device = resolve_device(lab.teacher.device, "label.teacher.device")
+    weights_key, how = resolve_teacher(store, fold, s, cache_dir, device, force)
+    assert s.teacher_detector is not None
+    teacher = Teacher(local_weights(store, weights_key, cache_dir), lab.teacher.imgsz or s.teacher_detector.imgsz,
+                      device=ultralytics_device(device), iou=lab.teacher.iou, min_confidence=lab.min_confidence)
+    rows = store.read_table(layout.generate.manifest(fold)).to_pylist()
+    labelled = label_with_teacher(store, rows, teacher, load_classes(store), lab.min_confidence,
+                                  lab.class_consistency)
+    return labelled, {"teacher": weights_key, "teacher_weights": how, "teacher_device": device}

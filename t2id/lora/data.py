@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from t2id import layout
 from t2id.errors import UserError
 
 
@@ -62,7 +63,7 @@ def select_examples(rows: pa.Table, class_names: list[str], targets: list[tuple[
     for name, prompts in targets:
         if name not in class_names:
             raise UserError(f"lora.target_classes: {name!r} is not a class of this dataset "
-                            f"(data/classes.json has {class_names}); fix the name")
+                            f"({layout.data.classes} has {class_names}); fix the name")
         target_ids[class_names.index(name)] = (name, prompts)
     seen_per_class: dict[str, int] = {name: 0 for name, _ in targets}
     examples = []
@@ -180,7 +181,7 @@ def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hfli
     """
     if not examples:
         raise UserError("no training images hold a target class in this fold; check lora.target_classes "
-                        "against data/classes.json and the split")
+                        f"against {layout.data.classes} and the split")
     pixels, time_ids = [], []
     for ex in examples:
         image, original, crop = preprocess_image(read_bytes(ex.key), resolution)

@@ -35,6 +35,7 @@ import torch
 
 from t2id.clip_vocab import build_clip_tokenizer, clip_vocab_and_merges, open_clip_bpe_path
 from t2id.errors import UserError
+from t2id.store import s3_client
 
 TINY = "tiny"
 TINY_FORMAT_VERSION = 1  # bump when the tiny recipe changes in a way the hash below cannot see
@@ -181,16 +182,6 @@ def _tiny_dir(cache_dir: Path, seed: int = 0) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _s3_client(endpoint_url: str | None):
-    import boto3
-    from botocore.config import Config
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint,
-                        config=Config(retries={"max_attempts": 8, "mode": "standard"},
-                                      s3={"addressing_style": "path"} if endpoint else None))
-
-
 def sync_s3_model(uri: str, cache_dir: Path, endpoint_url: str | None = None) -> Path:
     """Download the s3:// prefix `uri` once into a cache folder keyed by the listing's content.
 
@@ -201,7 +192,7 @@ def sync_s3_model(uri: str, cache_dir: Path, endpoint_url: str | None = None) ->
     prefix = prefix.strip("/")
     if not bucket:
         raise UserError(f"lora.base_model {uri!r}: expected s3://bucket/prefix")
-    client = _s3_client(endpoint_url)
+    client = s3_client(endpoint_url)
     folder = f"{prefix}/" if prefix else ""
     objects: list[tuple[str, int, str]] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):

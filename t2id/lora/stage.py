@@ -1,58 +1,51 @@
 """Stage `lora`: one SDXL LoRA adapter per fold, trained on that fold's TRAIN images of the target classes.
 
-Per fold k (DESIGN.md store layout, common contracts), under `lora/fold=<k>/`:
-  pytorch_lora_weights.safetensors   the adapter (diffusers format: pipe.load_lora_weights(dir))
-  train_ids.json                     {"fold", "image_ids", "examples": [{image_id, class, prompt}]}
-  train_log.parquet                  step, epoch, loss, lr, time
-  validation/epoch=<e>/<class>-<i>.png   a few images per target class after epochs
-  ranks/rank=<r>.json                examples each DDP rank processed; its final adapter digest
-  done.json                          the fold's fingerprint, written last
-Ray Train's checkpoints live under `lora/_ray/`. A fold whose done.json matches the current
-fingerprint (lora config, seed, training examples) is reused, so a killed stage redoes only the
-unfinished folds; an unfinished fold resumes from its last checkpoint (same Ray Train run name).
+Per fold k (DESIGN.md store layout), under `layout.lora.fold(k)`:
+  adapter       pytorch_lora_weights.safetensors (diffusers format: pipe.load_lora_weights(dir))
+  train_ids     train_ids.json: {"fold", "image_ids", "examples": [{image_id, class, prompt}]}
+  train_log     train_log.parquet: step, epoch, loss, lr, time
+  validation    validation/epoch=<e>/<class>-<i>.png: a few images per target class after epochs
+  ranks         ranks/rank=<r>.json: examples each DDP rank processed; its final adapter digest
+  memo          _memo.json (t2id.resume): the fold's identity and output hashes, written last
+Ray Train's checkpoints live under `layout.lora.ray_storage`. A fold whose memo matches (lora
+settings, seed, training examples) and whose outputs are intact is reused, so a killed stage redoes
+only the unfinished folds; an unfinished fold resumes from its last checkpoint (the Ray Train run
+name is the identity's digest). --force retrains from scratch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
-from t2id.config import sha256_json
-from t2id.data.manifest import fold_ids, load_classes, load_fold_rows, load_folds
+from t2id import layout
+from t2id.data.manifest import fold_ids, load_classes, load_fold_rows, select_folds
 from t2id.errors import UserError
 from t2id.lora.data import Example, select_examples
-from t2id.lora.train import ADAPTER_FILE
+from t2id.lora.settings import LoraSettings, settings
+from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
+from t2id.store import Store
 
 
-def fold_prefix(fold: int) -> str:
-    return f"lora/fold={fold}"
+SEED_SALT = "lora"  # hashed with run.seed and the fold into the fold's seed (not a store key)
 
 
-def fold_seed(run_seed: int, fold: int, override: int | None) -> int:
+def fold_seed(run_seed: int | None, fold: int, override: int | None) -> int:
     """Training seed of a fold: lora.seed when set, else derived from run.seed and the fold."""
     if override is not None:
         return override
-    return int.from_bytes(hashlib.sha256(f"lora/{run_seed}/{fold}".encode()).digest()[:4], "little")
+    return int.from_bytes(hashlib.sha256(f"{SEED_SALT}/{run_seed}/{fold}".encode()).digest()[:4], "little")
 
 
-def _folds(ctx: StageContext) -> list[int]:
-    available = sorted({int(f) for f in load_folds(ctx.store)["fold"].to_pylist()})
-    wanted = ctx.config.lora.folds
-    if wanted is None:
-        return available
-    missing = [f for f in wanted if f not in available]
-    if missing:
-        raise UserError(f"lora.folds {missing} do not exist: split/folds.parquet has folds {available}")
-    return sorted(set(wanted))
-
-
-def fold_examples(store, fold: int, class_names: list[str], targets: list[tuple[str, list[str]]]) -> list[Example]:
+def fold_examples(store: Store, fold: int, class_names: list[str],
+                  targets: list[tuple[str, list[str]]]) -> list[Example]:
     """The fold's training examples: its TRAIN rows holding a target class, checked against its val part."""
     examples = select_examples(load_fold_rows(store, fold, "train"), class_names, targets, store)
     if not examples:
         raise UserError(f"fold {fold}: no training image holds any of {[n for n, _ in targets]}; check "
-                        "lora.target_classes against data/classes.json")
+                        f"lora.target_classes against {layout.data.classes}")
     val_ids = set(fold_ids(store, fold, "val"))
     leaked = [e.image_id for e in examples if e.image_id in val_ids]
     if leaked:  # the split contract makes this impossible; fail loudly if it ever is not
@@ -60,42 +53,57 @@ def fold_examples(store, fold: int, class_names: list[str], targets: list[tuple[
     return examples
 
 
-def run(ctx: StageContext) -> StageResult:
-    from t2id.lora.ray_train import train_fold
+def fold_memo(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples: list[Example]) -> Memo:
+    """What makes a fold's adapter what it is: the lora section (less `folds`, which only says which
+    folds to train), the fold's seed and its training examples (ids, content hashes, prompts)."""
+    identity = {"lora": s.lora.model_dump(mode="json", exclude={"folds"}), "seed": seed,
+                "examples": [[e.image_id, e.sha256, e.prompt] for e in examples]}
+    return Memo(ctx.store, layout.memo(layout.lora.fold(fold)), identity, ignore=ctx.force)
+
+
+def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples: list[Example],
+                   memo: Memo) -> list[str]:
+    """Train the fold's adapter on Ray; return the fold's output keys."""
+    from t2id.lora.ray_layer import train_fold
     from t2id.raycluster import ensure_ray
 
-    cfg = ctx.config.lora
+    store = ctx.store
+    store.write_text(layout.lora.train_ids(fold), json.dumps({
+        "fold": fold,
+        "image_ids": [e.image_id for e in examples],
+        "examples": [{"image_id": e.image_id, "class": e.class_name, "prompt": e.prompt} for e in examples],
+    }, indent=1))
+    run_name = f"fold={fold}-{memo.digest[:12]}"
+    if ctx.force:  # retrain from scratch: Ray Train would otherwise restore this run's last checkpoint
+        store.delete_prefix(layout.lora.ray_run(run_name))
+    ensure_ray(ctx.cluster)
+    train_fold(store, fold, examples, s.lora, seed, Path(ctx.cache_dir), run_name=run_name,
+               endpoint_url=ctx.endpoint_url)
+    return [layout.lora.adapter(fold), layout.lora.train_ids(fold), layout.lora.train_log(fold)]
+
+
+def run(ctx: StageContext, s: LoraSettings) -> StageResult:
     store = ctx.store
     class_names = load_classes(store)
-    targets = [(t.name, list(t.prompts)) for t in cfg.target_classes]
+    targets = [(t.name, list(t.prompts)) for t in s.lora.target_classes]
     outputs: dict[str, str] = {}
     summary: dict[str, object] = {"folds": {}}
-    for fold in _folds(ctx):
-        prefix = fold_prefix(fold)
+    for fold in select_folds(store, s.lora.folds, "lora.folds"):
         examples = fold_examples(store, fold, class_names, targets)
-        seed = fold_seed(ctx.config.run.seed, fold, cfg.seed)
-        fingerprint = sha256_json({"lora": cfg.model_dump(mode="json"), "seed": seed,
-                                   "examples": [(e.image_id, e.sha256, e.prompt) for e in examples]})
-        done_key = f"{prefix}/done.json"
-        done = json.loads(store.read_text(done_key)) if store.exists(done_key) else None
-        if not (done and done.get("fingerprint") == fingerprint and store.exists(f"{prefix}/{ADAPTER_FILE}")):
-            store.delete(done_key)
-            store.write_text(f"{prefix}/train_ids.json", json.dumps({
-                "fold": fold,
-                "image_ids": [e.image_id for e in examples],
-                "examples": [{"image_id": e.image_id, "class": e.class_name, "prompt": e.prompt} for e in examples],
-            }, indent=1))
-            ensure_ray(ctx.config.cluster)
-            train_fold(store, prefix, examples, cfg, seed, ctx.cache_dir, run_name=f"fold={fold}-{fingerprint[:12]}")
-            store.write_text(done_key, json.dumps({"fingerprint": fingerprint}))
-        log = store.read_table(f"{prefix}/train_log.parquet").to_pylist()
-        for key in store.list(prefix):
-            if not key.startswith(f"{prefix}/ranks/") and key != done_key:
+        seed = fold_seed(s.run_seed, fold, s.lora.seed)
+        memo = fold_memo(ctx, s, fold, seed, examples)
+        _, reused = memoized(memo, lambda: train_one_fold(ctx, s, fold, seed, examples, memo))
+        if reused:
+            ctx.events.info(f"lora: fold {fold} is up to date, reusing its adapter")
+        # Published: everything the fold wrote but the per-rank records and the memo itself.
+        for key in store.list(layout.lora.fold(fold)):
+            if not key.startswith(layout.lora.ranks(fold) + "/") and key != memo.key:
                 outputs[key] = store.sha256(key)
-        summary["folds"][str(fold)] = {"images": len(examples), "steps": len(log),
+        log = store.read_table(layout.lora.train_log(fold)).to_pylist()
+        summary["folds"][str(fold)] = {"images": len(examples), "steps": len(log), "reused": reused,
                                        "first_loss": round(log[0]["loss"], 5) if log else None,
                                        "last_loss": round(log[-1]["loss"], 5) if log else None}
     return StageResult(outputs=outputs, summary=summary)
 
 
-STAGE = Stage(name="lora", sections=("lora",), depends_on=("data", "split"), run=run)
+STAGE = Stage(name="lora", settings=settings, depends_on=("data", "split"), run=run)

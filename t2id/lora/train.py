@@ -8,6 +8,7 @@ Read top to bottom:
   3. `diffusion_loss`       noise-prediction MSE, optional min-SNR weighting and noise offset.
   4. `train_step`           one optimizer step (micro-batches, DDP no_sync, AMP, clipping).
   5. `fit`                  the loop over steps; the caller (Ray layer or a test) gets hooks.
+  6. `save_checkpoint`      what a resumable checkpoint holds, and `restore_checkpoint`.
 
 Determinism and resume: every random draw of a step (orientation, posterior sample, noise,
 timesteps, LoRA dropout) comes from generators seeded by (seed, rank, step), and the data order
@@ -23,17 +24,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from t2id import layout
 from t2id.errors import UserError
 from t2id.lora.config import LoraConfig
 from t2id.lora.data import LatentCache, encode_ids
-
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-
 
 # 1. Adapter ------------------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ def lora_digest(unet, *text_encoders) -> str:
 
 
 def save_adapter(unet, out_dir, text_encoders: list | tuple = ()) -> None:
-    """Write `pytorch_lora_weights.safetensors` that StableDiffusionXLPipeline.load_lora_weights reads:
+    """Write `layout.lora.adapter_file` (diffusers' name) that StableDiffusionXLPipeline.load_lora_weights reads:
     the UNet's LoRA, plus both text encoders' when `text_encoders` = [text_encoder, text_encoder_2]."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -129,7 +129,7 @@ def save_adapter(unet, out_dir, text_encoders: list | tuple = ()) -> None:
         first, second = text_encoders
         extra = {"text_encoder_lora_layers": layers(first), "text_encoder_2_lora_layers": layers(second)}
     StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=layers(unet), safe_serialization=True,
-                                                weight_name=ADAPTER_FILE, **extra)
+                                                weight_name=layout.lora.adapter_file, **extra)
 
 
 # 2. Batches ------------------------------------------------------------------------------------
@@ -473,3 +473,47 @@ def fit(state: TrainState, cache: LatentCache, cfg: LoraConfig, seed: int, rank:
         if state.step % schedule.steps_per_epoch == 0 and hooks.after_epoch:
             hooks.after_epoch(state, epoch)
     return state
+
+
+# 6. Checkpoints --------------------------------------------------------------------------------
+
+TEXT_ENCODER_FILES = ("lora_text_encoder.safetensors", "lora_text_encoder_2.safetensors")
+
+
+def save_checkpoint(state: TrainState, folder: Path) -> None:
+    """LoRA weights (UNet, and both text encoders when trained), optimizer, LR scheduler, grad scaler,
+    step and log into `folder`. The RNG state needs no saving: it is a function of the step."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file(lora_state_dict(state.unet), str(folder / "lora.safetensors"))
+    for i, encoder in enumerate(state.text_encoders):
+        save_file(lora_state_dict(encoder), str(folder / TEXT_ENCODER_FILES[i]))
+    torch.save({
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler else None,
+        "step": state.step,
+        "log": state.log,
+    }, folder / "trainer.pt")
+
+
+def restore_checkpoint(state: TrainState, folder: Path) -> None:
+    """The inverse of `save_checkpoint`, into a state built by `setup_training` with the same config."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    load_lora_state_dict(state.unet, load_file(str(folder / "lora.safetensors"), device=str(state.device)))
+    for i, encoder in enumerate(state.text_encoders):
+        path = folder / TEXT_ENCODER_FILES[i]
+        if not path.exists():
+            raise RuntimeError(f"checkpoint {folder} has no {TEXT_ENCODER_FILES[i]}, but lora.train_text_encoder "
+                               "is on; it was written by a run without text-encoder LoRA")
+        load_lora_state_dict(encoder, load_file(str(path), device=str(state.device)))
+    saved = torch.load(folder / "trainer.pt", map_location=state.device, weights_only=False)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if state.scaler and saved["scaler"]:
+        state.scaler.load_state_dict(saved["scaler"])
+    state.step = int(saved["step"])
+    state.log = list(saved["log"])

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
+import posixpath
 from dataclasses import dataclass
 
 import pandas as pd
+
+from t2id import layout
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ def _frame_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _beside(key: str) -> str:
+    """A report file's link from report.md, which sits in the report folder."""
+    return posixpath.relpath(key, posixpath.dirname(layout.report.report_md))
+
+
 def to_markdown(title: str, blocks: list[Block]) -> str:
     out = [f"# {title}", ""]
     for block in blocks:
@@ -84,10 +92,10 @@ def to_markdown(title: str, blocks: list[Block]) -> str:
                     "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
             out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
             if block.csv_name:
-                out += ["", f"CSV: `tables/{block.csv_name}`"]
+                out += ["", f"CSV: `{_beside(layout.report.table(block.csv_name))}`"]
             out.append("")
         elif isinstance(block, Figure):
-            out += [f"![{block.caption}](figures/{block.name})", "", f"*{block.caption}*", ""]
+            out += [f"![{block.caption}]({_beside(layout.report.figure(block.name))})", "", f"*{block.caption}*", ""]
     return "\n".join(out)
 
 

@@ -1,6 +1,6 @@
 """Stage `split`: subject-grouped, class-stratified k-fold over the data manifest.
 
-Writes split/folds.parquet (image_id, fold, group) and split/fold_classes.parquet (per fold and
+Writes layout.split.folds (image_id, fold, group) and layout.split.fold_classes (per fold and
 class: instances, images, subjects). Seeded with run.seed, so reruns give the same folds.
 """
 
@@ -10,11 +10,12 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-from rich.table import Table
 
-from t2id.data.manifest import FOLD_CLASSES_KEY, FOLDS_KEY, FOLDS_SCHEMA, class_counts, load_classes, load_manifest
-from t2id.runner import Stage, StageContext, StageResult, console
+from t2id import layout
+from t2id.data.manifest import FOLDS_SCHEMA, class_counts, load_classes, load_manifest
+from t2id.runner import Stage, StageContext, StageResult
 from t2id.split.folds import assert_no_leak, assign_folds, check_feasible
+from t2id.split.settings import SplitSettings, settings
 
 
 def group_class_matrix(manifest: pa.Table, n_classes: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -55,27 +56,21 @@ def fold_class_table(manifest: pa.Table, folds_of: dict[str, int], names: list[s
     })
 
 
-def fold_table_view(table: pa.Table, image_folds: list[int], folds_of: dict[str, int], names: list[str],
-                    k: int) -> Table:
-    """Instances per fold and class, as printed after the split."""
-    view = Table(title="instances per fold (subject-grouped)", title_justify="left")
-    for column in ["fold", "images", "subjects", *names]:
-        view.add_column(column, justify="right")
+def fold_table_rows(table: pa.Table, image_folds: list[int], folds_of: dict[str, int], k: int) -> list[list]:
+    """Per fold: images, subjects and instances of each class (columns: fold, images, subjects, *names)."""
     rows = table.to_pylist()
-    for fold in range(k):
-        per = [r for r in rows if r["fold"] == fold]
-        view.add_row(str(fold), str(image_folds.count(fold)), str(list(folds_of.values()).count(fold)),
-                     *(str(r["instances"]) for r in per))
-    return view
+    subject_folds = list(folds_of.values())
+    return [[fold, image_folds.count(fold), subject_folds.count(fold),
+             *(r["instances"] for r in rows if r["fold"] == fold)] for fold in range(k)]
 
 
-def run(ctx: StageContext) -> StageResult:
-    k = ctx.config.split.folds
+def run(ctx: StageContext, s: SplitSettings) -> StageResult:
+    k = s.split.folds
     names = load_classes(ctx.store)
     manifest = load_manifest(ctx.store)
     per_group, sizes = group_class_matrix(manifest, len(names))
     check_feasible(per_group, names, k)
-    folds_of = assign_folds(per_group, sizes, k, seed=ctx.config.run.seed, stratify=ctx.config.split.stratify)
+    folds_of = assign_folds(per_group, sizes, k, seed=s.run_seed, stratify=s.split.stratify)
 
     ids = manifest["image_id"].to_pylist()
     groups = manifest["group"].to_pylist()
@@ -85,19 +80,19 @@ def run(ctx: StageContext) -> StageResult:
                      schema=FOLDS_SCHEMA).sort_by([("fold", "ascending"), ("group", "ascending"),
                                                    ("image_id", "ascending")])
     table = fold_class_table(manifest, folds_of, names, k)
-
-    console.print(fold_table_view(table, image_folds, folds_of, names, k))
+    ctx.events.table("instances per fold (subject-grouped)", ["fold", "images", "subjects", *names],
+                     fold_table_rows(table, image_folds, folds_of, k))
 
     outputs = {
-        FOLDS_KEY: ctx.store.write_table(FOLDS_KEY, folds),
-        FOLD_CLASSES_KEY: ctx.store.write_table(FOLD_CLASSES_KEY, table),
+        layout.split.folds: ctx.store.write_table(layout.split.folds, folds),
+        layout.split.fold_classes: ctx.store.write_table(layout.split.fold_classes, table),
     }
     summary = {
         "folds": k,
-        "images_per_fold": [sum(1 for f in image_folds if f == fold) for fold in range(k)],
-        "subjects_per_fold": [sum(1 for f in folds_of.values() if f == fold) for fold in range(k)],
+        "images_per_fold": [image_folds.count(fold) for fold in range(k)],
+        "subjects_per_fold": [list(folds_of.values()).count(fold) for fold in range(k)],
     }
     return StageResult(outputs=outputs, summary=summary)
 
 
-STAGE = Stage(name="split", sections=("split",), depends_on=("data",), run=run)
+STAGE = Stage(name="split", settings=settings, depends_on=("data",), run=run)

@@ -1,0 +1,235 @@
+"""Generation of one fold, exactly once: plan -> verify the store -> execute -> top-up -> manifest.
+
+  1. Plan round 0: N rows per class (t2id.generate.plan), deterministic seeds and keys.
+  2. Verify: list the fold's prefix once; a row is done when its JSON record exists, was made
+     with the same parameters (params_digest) and the PNG's sha256 equals the record's. Only
+     missing or corrupt rows go to the executor. A retried task or a rerun writes the same key
+     again, so there is never a second copy, and a row is never lost: until its record is
+     written, it counts as missing.
+  3. Execute the pending rows: an `Executor` renders them and hands back finished batches. The
+     stage's executor is t2id.generate.ray_layer.run_ray (Ray Data on an actor pool); this module
+     stays Ray-free, and `LocalExecutor` runs one worker in-process (tests, debugging).
+  4. Gate: re-judge every row from its recorded std/entropy/CLIP score with the current
+     thresholds. A class short of N kept images gets a top-up round of (N - kept) rows with the
+     next indices (fresh seeds), until N are kept or ceil(max_attempts_factor x N) rows were tried;
+     a class still short is reported. Rejected images stay in the store and in the manifest.
+  5. Publish plan.parquet (all rounds) and manifest.parquet (SYNTHETIC_SCHEMA, one row per plan
+     row); PNGs/records under the fold's prefix that are not in the plan (left by an older config)
+     are removed so the store holds exactly the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from t2id import layout
+from t2id.data.manifest import SYNTHETIC_SCHEMA, image_id_of
+from t2id.events import Events, LogEvents
+from t2id.generate.plan import PlanClass, gen_params, initial_plan, plan_rows, to_table
+from t2id.generate.quality import judge
+from t2id.generate.settings import GenerateSettings
+from t2id.store import Store
+
+OnBatch = Callable[[dict[str, Any]], None]
+# An executor renders plan rows and calls on_batch with each finished batch of the worker's result columns.
+Executor = Callable[[list[dict], OnBatch], None]
+
+
+@dataclass
+class ClassOutcome:
+    planned: int  # target: images_per_class
+    attempted: int
+    kept: int
+    shortfall: int
+
+
+@dataclass
+class FoldOutcome:
+    plan: list[dict]
+    records: dict[str, dict]  # image key -> record (as written by the worker, gate re-judged)
+    generated: int = 0  # images rendered by this call
+    reused: int = 0  # rows found done and verified in the store
+    removed: int = 0  # stale objects removed from the fold's prefix
+    classes: dict[str, ClassOutcome] = field(default_factory=dict)
+
+
+def verified_records(store: Store, rows: list[dict], listed: set[str], need_clip: bool) -> dict[str, dict]:
+    """Records of the rows already done: record present, same parameters, PNG checksum matches."""
+    done: dict[str, dict] = {}
+    for row in rows:
+        if row["record_key"] not in listed or row["key"] not in listed:
+            continue
+        try:
+            record = json.loads(store.read_text(row["record_key"]))
+        except (ValueError, UnicodeDecodeError):
+            continue  # unreadable record: redo the row
+        if record.get("params_digest") != row["params_digest"]:
+            continue
+        if need_clip and record.get("clip_score") is None:
+            continue
+        if store.sha256(row["key"]) != record.get("sha256"):
+            continue  # PNG replaced or corrupt since its record was written
+        done[row["key"]] = record
+    return done
+
+
+def worker_batch(rows: list[dict], columns: Iterable[str]) -> dict[str, np.ndarray]:
+    """Plan rows as the numpy batch a worker's __call__ takes (what Ray Data hands it)."""
+    return {c: np.array([r[c] for r in rows], dtype=np.int64 if c == "seed" else object) for c in columns}
+
+
+class LocalExecutor:
+    """In-process executor (no Ray): one already-built worker, reused across top-up rounds and calls."""
+
+    def __init__(self, worker: Any, batch_size: int) -> None:
+        self.worker, self.batch_size = worker, batch_size
+
+    def __call__(self, rows: list[dict], on_batch: OnBatch) -> None:
+        for start in range(0, len(rows), self.batch_size):
+            on_batch(self.worker(worker_batch(rows[start:start + self.batch_size], self.worker.PLAN_COLUMNS)))
+
+
+def record_from_batch(batch: dict[str, Any], i: int, row: dict, base_model: str, scheduler: str,
+                      lora_sha256: str) -> dict:
+    """The per-image record of row `row`, rebuilt on the driver from result column i of a worker batch."""
+    clip = float(batch["clip_score"][i])
+    return {"key": row["key"], "sha256": str(batch["sha256"][i]), "params_digest": row["params_digest"],
+            "seed": row["seed"], "prompt": row["prompt"], "width": int(batch["width"][i]),
+            "height": int(batch["height"][i]), "std": float(batch["std"][i]),
+            "entropy": float(batch["entropy"][i]), "clip_score": None if math.isnan(clip) else clip,
+            "kept": bool(batch["kept"][i]), "reject_reason": str(batch["reject_reason"][i]),
+            "base_model": base_model, "lora_sha256": lora_sha256, "scheduler": scheduler}
+
+
+def execute_rows(what: str, rows: list[dict], executor: Executor, records: dict[str, dict],
+                 make_record: Callable[[dict[str, Any], int, dict], dict],
+                 advance: Callable[[int], None] = lambda n: None) -> int:
+    """Run `rows` through the executor, adding each finished row's record to `records`; returns how many.
+
+    Raises when the executor returned without some rows: a manifest is never published with gaps.
+    """
+    by_key = {r["key"]: r for r in rows}
+    made = 0
+
+    def on_batch(batch: dict[str, Any]) -> None:
+        nonlocal made
+        for i, key in enumerate(batch["key"]):
+            records[str(key)] = make_record(batch, i, by_key[str(key)])
+        made += len(batch["key"])
+        advance(len(batch["key"]))
+
+    executor(rows, on_batch)
+    missing = [k for k in by_key if k not in records]
+    if missing:
+        raise RuntimeError(f"{what}: {len(missing)} planned images were not made, e.g. {missing[0]}; rerun to resume")
+    return made
+
+
+def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[PlanClass], executor: Executor,
+                  events: Events | None = None) -> FoldOutcome:
+    """Steps 1-5 of the module docstring for one fold; idempotent and resumable."""
+    events = events or LogEvents()
+    g = s.generate
+    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if s.use_adapter else ""
+    params = gen_params(s, lora_sha256)
+    n = g.images_per_class
+    budget = math.ceil(g.max_attempts_factor * n)
+    need_clip = g.quality.min_clip_score is not None
+    by_name = {c.name: c for c in classes}
+
+    def make_record(batch: dict[str, Any], i: int, row: dict) -> dict:
+        return record_from_batch(batch, i, row, s.base_model, g.scheduler, lora_sha256)
+
+    plan = initial_plan(s.run_seed, fold, classes, params, n)
+    outcome = FoldOutcome(plan=plan, records={})
+    pending_round = plan
+    round_ = 0
+    while pending_round:
+        store.write_table(layout.generate.plan(fold), to_table(plan))  # inspectable while running
+        listed = set(store.list(layout.generate.fold(fold)))
+        done = verified_records(store, pending_round, listed, need_clip)
+        outcome.records.update(done)
+        outcome.reused += len(done)
+        todo = [r for r in pending_round if r["key"] not in done]
+        if todo:
+            with events.progress(f"generate fold {fold}, round {round_}: images", len(todo)) as advance:
+                outcome.generated += execute_rows(f"generate fold {fold}", todo, executor, outcome.records, make_record, advance)
+        # 4. Re-judge with the current gate (thresholds may have changed since a record was written).
+        for record in outcome.records.values():
+            verdict = judge(record["std"], record["entropy"], record.get("clip_score"), g.quality)
+            record["kept"], record["reject_reason"] = verdict.kept, verdict.reject_reason
+        round_ += 1
+        pending_round = []
+        for cls in classes:
+            rows = [r for r in plan if r["class_name"] == cls.name]
+            kept = sum(outcome.records[r["key"]]["kept"] for r in rows)
+            add = min(n - kept, budget - len(rows))
+            if add > 0:
+                pending_round += plan_rows(s.run_seed, fold, by_name[cls.name], params,
+                                           start=len(rows), count=add, round_=round_)
+        plan.extend(pending_round)
+
+    for cls in classes:
+        rows = [r for r in plan if r["class_name"] == cls.name]
+        kept = sum(outcome.records[r["key"]]["kept"] for r in rows)
+        outcome.classes[cls.name] = ClassOutcome(planned=n, attempted=len(rows), kept=kept, shortfall=n - kept)
+        if kept < n:
+            events.warning(f"generate fold {fold} class '{cls.name}': {kept}/{n} images passed the quality gate "
+                           f"after {len(rows)} attempts (generate.max_attempts_factor={g.max_attempts_factor}); "
+                           f"shortfall {n - kept}")
+    outcome.removed = remove_stale(store, plan, [layout.generate.images(fold), layout.generate.records(fold)])
+    store.write_table(layout.generate.plan(fold), to_table(plan))
+    store.write_table(layout.generate.manifest(fold), manifest_table(store, s, fold, plan, outcome.records))
+    return outcome
+
+
+def remove_stale(store: Store, plan: list[dict], prefixes: list[str]) -> int:
+    """Delete images/records under `prefixes` that the current plan does not name (an older config's)."""
+    wanted = {r["key"] for r in plan} | {r["record_key"] for r in plan}
+    stale = [k for prefix in prefixes for k in store.list(prefix) if k not in wanted]
+    for key in stale:
+        store.delete(key)
+    return len(stale)
+
+
+def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict], records: dict[str, dict]
+                   ) -> pa.Table:
+    """One SYNTHETIC_SCHEMA row per plan row, in plan order; boxes are filled by the label stage."""
+    g = s.generate
+    rows = []
+    for row in plan:
+        rec = records[row["key"]]
+        rows.append({
+            "image_id": image_id_of(rec["sha256"]),
+            "uri": store.uri(row["key"]),
+            "width": rec["width"],
+            "height": rec["height"],
+            "group": f"synthetic-fold{fold}-{layout.slug(row['class_name'])}",
+            "source": "synthetic",
+            "boxes": [],
+            "sha256": rec["sha256"],
+            "fold": fold,
+            "class_id": row["class_id"],
+            "prompt": row["prompt"],
+            "negative_prompt": row["negative_prompt"],
+            "seed": row["seed"],
+            "steps": g.steps,
+            "guidance": g.guidance,
+            "scheduler": g.scheduler,
+            "base_model": s.base_model,
+            "lora_sha256": rec["lora_sha256"],
+            "entropy": rec["entropy"],
+            "std": rec["std"],
+            "clip_score": rec.get("clip_score"),
+            "kept": rec["kept"],
+            "reject_reason": rec["reject_reason"] or None,
+            "label_source": None,
+        })
+    return pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)

@@ -1,0 +1,52 @@
+"""What the `generate` stage takes from the config, from any section, and nothing else.
+
+The runner hashes this model into the stage marker, so a value outside the generate section
+(a prompt in lora.target_classes, lora.base_model, run.seed, ...) re-runs generate exactly when
+it is named here. It is also what the generation actors build themselves from.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import model_validator
+
+from t2id.configbase import StageSettings
+from t2id.generate.config import GenerateConfig
+from t2id.lora.config import TargetClass
+
+if TYPE_CHECKING:
+    from t2id.config import T2IDConfig
+
+
+class GenerateSettings(StageSettings):
+    generate: GenerateConfig
+    target_classes: list[TargetClass]  # lora.target_classes: the classes to draw, prompted as the adapter learnt them
+    base_model: str  # lora.base_model
+    allow_network: bool  # lora.allow_network
+    run_seed: int  # run.seed: every image's seed derives from it
+    use_adapter: bool  # lora in run.stages: draw with lora/fold=<k>/ adapters, else with the base model alone
+    folds: list[int] | None  # generate.folds, else lora.folds when lora runs (the folds that have an adapter)
+    clip_weights: str | None  # evaluate.clip_weights, only when generate.quality.min_clip_score is set
+
+    @model_validator(mode="after")
+    def _clip_weights_with_the_clip_gate(self) -> GenerateSettings:
+        if (self.clip_weights is not None) != (self.generate.quality.min_clip_score is not None):
+            raise ValueError("clip_weights names the CLIP weights of the CLIP gate: set it exactly when "
+                             "generate.quality.min_clip_score is set")
+        return self
+
+    @property
+    def folds_field(self) -> str:
+        """The config key `folds` came from, for errors."""
+        return "generate.folds" if self.generate.folds is not None or not self.use_adapter else "lora.folds"
+
+
+def settings(cfg: T2IDConfig) -> GenerateSettings:
+    gen = cfg.generate
+    use_adapter = "lora" in cfg.run.stages
+    folds = gen.folds if gen.folds is not None else (cfg.lora.folds if use_adapter else None)
+    clip_gate = gen.quality.min_clip_score is not None
+    return GenerateSettings(generate=gen, target_classes=cfg.lora.target_classes, base_model=cfg.lora.base_model,
+                            allow_network=cfg.lora.allow_network, run_seed=cfg.run.seed, use_adapter=use_adapter,
+                            folds=folds, clip_weights=cfg.evaluate.clip_weights if clip_gate else None)

@@ -1,0 +1,143 @@
+"""The pure core of `grid`: which trials to train, the work of one trial, and the result tables.
+
+A trial is one (fold, strategy) detector training, described by a plain JSON dict (it is a point of
+Tune's search space): `name`, `fold`, `strategy`, `synthetic_key` (the fold's labelled synthetic
+rows, or None), `n_synthetic` and `identity` (everything its result depends on; t2id.resume keeps a
+finished trial's result while its identity holds). Strategies with synthetic images (baseline_sdxl,
+rfs_sdxl, t2id_cas) train on the fold's kept, labelled rows of the label stage; a fold without them
+records its trials as skipped, with the reason, instead of dropping them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from t2id import layout
+from t2id.grid.settings import GridSettings
+from t2id.store import Store
+
+ALL = "all classes"
+METRICS = ("map50_95", "map50", "precision", "recall")
+
+TRIALS_SCHEMA = pa.schema([
+    ("fold", pa.int32()), ("strategy", pa.string()), ("class", pa.string()),
+    ("map50_95", pa.float64()), ("map50", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()),
+    ("train_seconds", pa.float64()), ("n_synthetic", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
+])
+PR_SCHEMA = pa.schema([
+    ("fold", pa.int32()), ("strategy", pa.string()), ("class", pa.string()),
+    ("recall", pa.float64()), ("precision", pa.float64()),
+])
+
+
+# 1. What each trial trains on -------------------------------------------------------------------
+
+def usable_synthetic(table: pa.Table) -> pa.Table:
+    """Kept, labelled synthetic rows: passed the quality gate and carry at least one box."""
+    if "kept" in table.column_names:
+        table = table.filter(pc.fill_null(table["kept"], False))
+    return table.filter(pc.greater(pc.list_value_length(table["boxes"]), 0))
+
+
+def synthetic_status(store: Store, s: GridSettings, fold: int) -> tuple[str | None, int, str]:
+    """(store key of the fold's synthetic rows or None, usable row count, reason when None)."""
+    if not s.use_synthetic:
+        return None, 0, "the label stage is not enabled (run.stages), so there is no labelled synthetic set"
+    key = layout.label.labels(fold)
+    if not store.exists(key):
+        return None, 0, f"{key} does not exist (run the generate and label stages)"
+    count = usable_synthetic(store.read_table(key)).num_rows
+    if count == 0:
+        return None, 0, f"{key} holds no kept, labelled synthetic images"
+    return key, count, ""
+
+
+def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
+                ) -> tuple[list[dict[str, Any]], list[dict], list[int], list[str]]:
+    """(trials to train, skipped rows, folds, classes); `inputs` are the upstream stages' output digests."""
+    from t2id.data.manifest import load_classes, select_folds
+
+    classes = load_classes(store)
+    folds = select_folds(store, s.grid.folds, "grid.folds")
+    trials, skipped = [], []
+    for fold in folds:
+        syn_key, n_syn, reason = synthetic_status(store, s, fold)
+        for strategy in s.grid.strategies:
+            spec = s.grid.strategy_spec(strategy)
+            if spec.synthetic and syn_key is None:
+                skipped.extend(skipped_rows(fold, strategy, classes, f"needs synthetic images: {reason}"))
+                continue
+            # A trial's published result is reused only while everything it was trained from is unchanged.
+            identity = {"fold": fold, "strategy": spec.model_dump(mode="json"),
+                        "detector": s.grid.detector.model_dump(mode="json"), "seed": s.seed, "inputs": inputs,
+                        "synthetic": store.sha256(syn_key) if spec.synthetic else None}
+            trials.append({"name": layout.grid.trial_name(fold, strategy), "fold": fold, "strategy": strategy,
+                           "synthetic_key": syn_key if spec.synthetic else None,
+                           "n_synthetic": n_syn if spec.synthetic else 0, "identity": identity})
+    return trials, skipped, folds, classes
+
+
+# 2. The trial's work (runs in a Tune worker) ----------------------------------------------------
+
+def detect_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir: str) -> dict[str, Any]:
+    """The grid's trial function: one detector training through the detect helper; plain JSON out
+    (per_class, overall with NaN as null, pr_curves, seconds, ...)."""
+    from t2id.detect.train import detect_on_store
+    from t2id.devices import resolve_device, ultralytics_device
+
+    synthetic = None
+    if trial.get("synthetic_key"):
+        synthetic = usable_synthetic(store.read_table(trial["synthetic_key"]))
+    # Ray sets CUDA_VISIBLE_DEVICES per trial, so a trial given a GPU (or a share of one) sees it first.
+    device = resolve_device("cuda" if s.grid.gpus_per_trial > 0 else "cpu", "grid.gpus_per_trial")
+    result = detect_on_store(store, trial["fold"], s.grid.strategy_spec(trial["strategy"]), s.grid.detector,
+                             Path(cache_dir), s.seed, synthetic=synthetic, device=ultralytics_device(device),
+                             workers=s.grid.workers)
+    return result.to_json()
+
+
+# 3. Tables --------------------------------------------------------------------------------------
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def trial_rows(fold: int, strategy: str, output: dict[str, Any], classes: list[str], n_synthetic: int) -> list[dict]:
+    rows = []
+    for name in [ALL, *classes]:
+        metrics = output["overall"] if name == ALL else output["per_class"].get(name, {})
+        rows.append({"fold": fold, "strategy": strategy, "class": name,
+                     **{m: _num(metrics.get(m)) for m in METRICS},
+                     "train_seconds": float(output.get("seconds", 0.0)), "n_synthetic": n_synthetic,
+                     "status": "ok", "reason": ""})
+    return rows
+
+
+def skipped_rows(fold: int, strategy: str, classes: list[str], reason: str) -> list[dict]:
+    return [{"fold": fold, "strategy": strategy, "class": name, **dict.fromkeys(METRICS),
+             "train_seconds": None, "n_synthetic": 0, "status": "skipped", "reason": reason}
+            for name in [ALL, *classes]]
+
+
+def pr_rows(fold: int, strategy: str, output: dict[str, Any]) -> list[dict]:
+    return [{"fold": fold, "strategy": strategy, "class": name, "recall": float(r), "precision": float(p)}
+            for name, points in output.get("pr_curves", {}).items() for r, p in points]
+
+
+def tables(trials: list[dict[str, Any]], results: dict[str, dict[str, Any]], skipped: list[dict],
+           strategies: list[str], classes: list[str]) -> tuple[pa.Table, pa.Table]:
+    """(trials table, PR curves table): one row per (fold, strategy, class), config order."""
+    rows, curves = [], []
+    for trial in trials:
+        output = results[trial["name"]]
+        rows.extend(trial_rows(trial["fold"], trial["strategy"], output, classes, trial["n_synthetic"]))
+        curves.extend(pr_rows(trial["fold"], trial["strategy"], output))
+    rows.extend(skipped)
+    order = {s: i for i, s in enumerate(strategies)}
+    cls_order = {c: i for i, c in enumerate([ALL, *classes])}
+    rows.sort(key=lambda r: (r["fold"], order[r["strategy"]], cls_order[r["class"]]))
+    return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA), pa.Table.from_pylist(curves, schema=PR_SCHEMA)

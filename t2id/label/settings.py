@@ -1,0 +1,62 @@
+"""What the `label` stage takes from the config, from any section, and nothing else.
+
+Only the labeler in use contributes cross-section values: the teacher's detector settings
+(label.teacher.detector, else grid.detector) for `teacher`; generate's settings with the
+label.inpaint overrides for `inpaint` (which also carry lora.target_classes, lora.base_model and
+lora.allow_network). The runner hashes this model into the marker; the teacher's Ray task and
+the inpainting actors build themselves from it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from t2id.configbase import StageSettings
+from t2id.detect.config import DetectorConfig
+from t2id.generate.config import GenerateConfig
+from t2id.generate.settings import GenerateSettings
+from t2id.generate.settings import settings as generate_settings
+from t2id.label.config import LabelConfig
+
+if TYPE_CHECKING:
+    from t2id.config import T2IDConfig
+
+# generate fields inpainting does not use: label.folds picks the folds, a plan has no top-up rounds,
+# no contact sheets are drawn, and every image gets its own pipeline call. They are reset to their
+# defaults so that changing them does not re-run label.
+UNUSED_BY_INPAINTING = ("folds", "max_attempts_factor", "contact_sheet_images", "contact_sheet_thumb",
+                        "batched_pipeline")
+
+
+class LabelSettings(StageSettings):
+    label: LabelConfig
+    seed: int  # label.seed, else run.seed: teacher training and inpaint plan seeds
+    use_adapter: bool  # lora in run.stages: generate's images came from lora/fold=<k>/ (memorization reference)
+    teacher_detector: DetectorConfig | None = None  # label.teacher.detector, else grid.detector; teacher only
+    inpainting: GenerateSettings | None = None  # generate's settings with label.inpaint overrides; inpaint only
+
+
+def inpainting_settings(cfg: T2IDConfig, seed: int) -> GenerateSettings:
+    """generate's settings as inpainting uses them: label.inpaint's steps/guidance/count, no CLIP gate
+    (an inpainted image is mostly real), the label seed."""
+    gen, inp = cfg.generate, cfg.label.inpaint
+    defaults = {name: GenerateConfig.model_fields[name].default for name in UNUSED_BY_INPAINTING}
+    generate = gen.model_copy(update={
+        **defaults,
+        "steps": inp.steps or gen.steps,
+        "guidance": gen.guidance if inp.guidance is None else inp.guidance,
+        "images_per_class": inp.images_per_class or gen.images_per_class,
+        "quality": gen.quality.model_copy(update={"min_clip_score": None}),
+    })
+    base = generate_settings(cfg)
+    return GenerateSettings.model_validate({**base.model_dump(), "generate": generate.model_dump(),
+                                            "run_seed": seed, "folds": None, "clip_weights": None})
+
+
+def settings(cfg: T2IDConfig) -> LabelSettings:
+    lab = cfg.label
+    seed = cfg.run.seed if lab.seed is None else lab.seed
+    teacher = lab.method == "teacher"
+    return LabelSettings(label=lab, seed=seed, use_adapter="lora" in cfg.run.stages,
+                         teacher_detector=(lab.teacher.detector or cfg.grid.detector) if teacher else None,
+                         inpainting=None if teacher else inpainting_settings(cfg, seed))

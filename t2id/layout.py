@@ -1,0 +1,220 @@
+"""The run layout: the only module that spells a store key.
+
+Every key is relative to the run root `<store>/<run_id>/` (DESIGN.md, "Store"). Stages, Ray
+workers, the report and the tests ask this module for keys (`layout.lora.adapter(fold)`,
+`layout.generate.manifest(fold)`, ...), so a key is written down exactly once and a reader can
+never disagree with its writer.
+"""
+
+from __future__ import annotations
+
+import re
+
+MARKER = "_SUCCESS.json"
+CONFIG = "config.yaml"
+MEMO = "_memo.json"  # a unit of work's memo (t2id.resume), beside the unit's outputs
+
+
+def marker(stage: str) -> str:
+    """`<stage>/_SUCCESS.json`: written last by the runner when a stage is done."""
+    return f"{stage}/{MARKER}"
+
+
+def slug(name: str) -> str:
+    """'tracheal ring' -> 'tracheal-ring': a folder-safe, stable name for a class."""
+    text = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not text:
+        raise ValueError(f"class name {name!r} has no letters or digits to name a folder after")
+    return text
+
+
+def memo(prefix: str) -> str:
+    """The memo of the unit of work whose outputs live under `prefix`."""
+    return f"{prefix}/{MEMO}"
+
+
+class _Data:
+    root = "data"
+    manifest = "data/manifest.parquet"
+    quarantine = "data/quarantine.parquet"
+    classes = "data/classes.json"
+    stats = "data/stats.parquet"
+    class_distribution = "data/class_distribution.png"
+    sources = "data/sources.parquet"
+    images = "data/images"
+
+    def image(self, image_id: str, suffix: str) -> str:
+        return f"{self.images}/{image_id}{suffix}"
+
+
+class _Split:
+    root = "split"
+    folds = "split/folds.parquet"
+    fold_classes = "split/fold_classes.parquet"
+
+
+class _Lora:
+    root = "lora"
+    adapter_file = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(dir)
+    ray_storage = "lora/_ray"  # Ray Train checkpoints
+
+    def fold(self, fold: int) -> str:
+        return f"lora/fold={fold}"
+
+    def adapter(self, fold: int) -> str:
+        return f"{self.fold(fold)}/{self.adapter_file}"
+
+    def train_ids(self, fold: int) -> str:
+        return f"{self.fold(fold)}/train_ids.json"
+
+    def train_log(self, fold: int) -> str:
+        return f"{self.fold(fold)}/train_log.parquet"
+
+    def ranks(self, fold: int) -> str:
+        return f"{self.fold(fold)}/ranks"
+
+    def rank(self, fold: int, rank: int) -> str:
+        return f"{self.ranks(fold)}/rank={rank}.json"
+
+    def validation_epoch(self, fold: int, epoch: int) -> str:
+        return f"{self.fold(fold)}/validation/epoch={epoch:04d}"
+
+    def validation(self, fold: int, epoch: int, class_name: str, index: int) -> str:
+        return f"{self.validation_epoch(fold, epoch)}/{slug(class_name)}-{index}.png"
+
+    def ray_run(self, run_name: str) -> str:
+        """Ray Train's folder of one training run (its checkpoints and checkpoint-manager snapshot)."""
+        return f"{self.ray_storage}/{run_name}"
+
+
+class _Generate:
+    root = "generate"
+
+    def fold(self, fold: int) -> str:
+        return f"generate/fold={fold}"
+
+    def plan(self, fold: int) -> str:
+        return f"{self.fold(fold)}/plan.parquet"
+
+    def manifest(self, fold: int) -> str:
+        return f"{self.fold(fold)}/manifest.parquet"
+
+    def images(self, fold: int) -> str:
+        return f"{self.fold(fold)}/images"
+
+    def records(self, fold: int) -> str:
+        return f"{self.fold(fold)}/records"
+
+    def image(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.images(fold)}/{slug(class_name)}/{name}.png"
+
+    def record(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.records(fold)}/{slug(class_name)}/{name}.json"
+
+    def contact_sheet(self, fold: int, class_name: str) -> str:
+        return f"{self.fold(fold)}/contact_sheets/{slug(class_name)}.png"
+
+
+class _Label:
+    root = "label"
+    memorization_hist = "label/memorization_hist.png"
+
+    def fold(self, fold: int) -> str:
+        return f"label/fold={fold}"
+
+    def labels(self, fold: int) -> str:
+        return f"{self.fold(fold)}/labels.parquet"
+
+    def teacher(self, fold: int) -> str:
+        return f"{self.fold(fold)}/teacher"
+
+    def teacher_weights(self, fold: int) -> str:
+        return f"{self.teacher(fold)}/best.pt"
+
+    def inpaint(self, fold: int) -> str:
+        """Inpainted images and records live here, laid out like generate's (images/, records/)."""
+        return f"{self.fold(fold)}/inpaint"
+
+    def inpaint_images(self, fold: int) -> str:
+        return f"{self.inpaint(fold)}/images"
+
+    def inpaint_records(self, fold: int) -> str:
+        return f"{self.inpaint(fold)}/records"
+
+    def inpaint_image(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.inpaint_images(fold)}/{slug(class_name)}/{name}.png"
+
+    def inpaint_record(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.inpaint_records(fold)}/{slug(class_name)}/{name}.json"
+
+
+class _Evaluate:
+    root = "evaluate"
+    metrics = "evaluate/metrics.parquet"
+    table1_csv = "evaluate/table1.csv"
+    table1_md = "evaluate/table1.md"
+
+    def cache(self, fold: int, kind: str) -> str:
+        """A fold's feature cache unit: kind 'real' (InceptionV3) or 'synthetic' (InceptionV3 + CLIP)."""
+        return f"evaluate/cache/fold={fold}/{kind}"
+
+    def features(self, fold: int, kind: str) -> str:
+        return f"{self.cache(fold, kind)}/features.parquet"
+
+    @staticmethod
+    def model(kind: str, name: str) -> str:
+        """Where `t2id models cache --upload` puts weights: relative to the STORE root, shared by runs."""
+        return f"models/{kind}/{name}"
+
+
+class _Grid:
+    root = "grid"
+    trials = "grid/trials.parquet"
+    pr_curves = "grid/pr_curves.parquet"
+    tune_name = "tune"
+    tune = f"grid/{tune_name}"  # Ray Tune's experiment folder
+
+    def trial(self, fold: int, strategy: str) -> str:
+        """A (fold, strategy) trial's folder; its memo (t2id.resume) sits here too."""
+        return f"grid/fold={fold}/strategy={strategy}"
+
+    def result(self, fold: int, strategy: str) -> str:
+        """The trial's published output (metrics, PR curves) that the grid's tables are built from."""
+        return f"{self.trial(fold, strategy)}/result.json"
+
+    def weights(self, fold: int, strategy: str) -> str:
+        return f"{self.trial(fold, strategy)}/best.pt"
+
+    def trial_metrics(self, fold: int, strategy: str) -> str:
+        return f"{self.trial(fold, strategy)}/metrics.json"
+
+    @staticmethod
+    def trial_name(fold: int, strategy: str) -> str:
+        """A trial's name in Ray Tune, and its folder in Tune's experiment."""
+        return f"fold={fold}-{strategy}"
+
+    def tune_trial_result(self, name: str) -> str:
+        """Tune's own record of what a trial reported."""
+        return f"{self.tune}/{name}/result.json"
+
+
+class _Report:
+    root = "report"
+    index_html = "report/index.html"
+    report_md = "report/report.md"
+
+    def figure(self, name: str) -> str:
+        return f"report/figures/{name}"
+
+    def table(self, name: str) -> str:
+        return f"report/tables/{name}"
+
+
+data = _Data()
+split = _Split()
+lora = _Lora()
+generate = _Generate()
+label = _Label()
+evaluate = _Evaluate()
+grid = _Grid()
+report = _Report()

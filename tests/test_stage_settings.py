@@ -41,6 +41,7 @@ CASES = [
     ({"run__description": "another text"}, {}, {"report"}),
     ({"cluster__num_cpus": 1}, {}, set()),
     ({"store__max_attempts": 3}, {}, set()),
+    ({"data__phantom__subjects": 10}, {}, {"data"}),
     ({"split__folds": 3}, {}, {"split"}),
     ({"lora__rank": 8}, {}, {"lora"}),
     ({"lora__base_model": "/models/sdxl"}, {}, {"lora", "generate", "label", "evaluate"}),

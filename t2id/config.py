@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from t2id.cluster_config import ClusterConfig
 from t2id.configbase import Section
@@ -77,6 +77,34 @@ class T2IDConfig(Section):
     report: ReportConfig = ReportConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @model_validator(mode="after")
+    def _cross_section(self) -> "T2IDConfig":
+        """Checks that span sections (each section validates itself)."""
+        stages = set(self.run.stages)
+        ev = self.evaluate
+        # Random stand-in metric networks only beside the tiny random generator: with a real SDXL,
+        # FID/KID/IS/CLIP from random nets would sit next to the paper's values looking comparable.
+        if self.lora.base_model != "tiny":
+            needed = []
+            if "evaluate" in stages:
+                needed += [("evaluate.inception_weights", ev.inception_weights), ("evaluate.clip_weights", ev.clip_weights)]
+            elif "generate" in stages and self.generate.quality.min_clip_score is not None:
+                needed.append(("evaluate.clip_weights", ev.clip_weights))  # the CLIP gate scores with it
+            stand_ins = [key for key, value in needed if value == "tiny"]
+            if stand_ins:
+                raise ValueError(
+                    f"{' and '.join(stand_ins)} {'are' if len(stand_ins) > 1 else 'is'} 'tiny' (random stand-in "
+                    f"networks, scores not comparable with anything) but lora.base_model is "
+                    f"{self.lora.base_model!r}; run `t2id models cache CONFIG --upload` on a machine with "
+                    f"internet (evaluate.allow_network: true) and set {' and '.join(stand_ins)} to the paths it "
+                    f"prints (under <store>/models/)")
+        if "evaluate" in stages and "generate" in stages and ev.is_splits > self.generate.images_per_class:
+            raise ValueError(
+                f"evaluate.is_splits={ev.is_splits} > generate.images_per_class={self.generate.images_per_class}: the "
+                f"Inception Score needs at least one image per split (torch-fidelity's rule); set evaluate.is_splits "
+                f"<= {self.generate.images_per_class}")
+        return self
+
 
 
 _SECRET_PATH = re.compile(r"(^|\.)(env|.*(secret|token|password|credential|access_key).*)(\.|$)", re.IGNORECASE)
@@ -101,6 +129,8 @@ def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
     if kind in bounds:
         return f"{path}: must be {bounds[kind].format(**ctx)}, got {got!r}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a cross-section check: its message names the keys; the input is the whole config
+        return msg
     return f"{path}: {msg[0].lower() + msg[1:]}, got {got!r}"
 
 

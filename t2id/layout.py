@@ -174,24 +174,32 @@ class _Grid:
     tune_name = "tune"
     tune = f"grid/{tune_name}"  # Ray Tune's experiment folder
 
-    def trial(self, fold: int, strategy: str) -> str:
-        """A (fold, strategy) trial's folder; its memo (t2id.resume) sits here too."""
-        return f"grid/fold={fold}/strategy={strategy}"
+    def trial(self, fold: int, strategy: str, seed: int) -> str:
+        """A (fold, strategy, seed) trial's folder; its memo (t2id.resume) sits here too."""
+        return f"grid/fold={fold}/strategy={strategy}/seed={seed}"
 
-    def result(self, fold: int, strategy: str) -> str:
-        """The trial's published output (metrics, PR curves) that the grid's tables are built from."""
-        return f"{self.trial(fold, strategy)}/result.json"
+    def result(self, fold: int, strategy: str, seed: int) -> str:
+        """The trial's published output (metrics, PR curves, counts) that the grid's tables are built from."""
+        return f"{self.trial(fold, strategy, seed)}/result.json"
 
-    def weights(self, fold: int, strategy: str) -> str:
-        return f"{self.trial(fold, strategy)}/best.pt"
+    def predictions(self, fold: int, strategy: str, seed: int) -> str:
+        """Per-image ground truth and final-model predictions on the fold's validation images."""
+        return f"{self.trial(fold, strategy, seed)}/predictions.parquet"
 
-    def trial_metrics(self, fold: int, strategy: str) -> str:
-        return f"{self.trial(fold, strategy)}/metrics.json"
+    def weights(self, fold: int, strategy: str, seed: int | None = None) -> str:
+        """The trial's final weights (last epoch). Without `seed`: the (fold, strategy) copy of the grid's
+        first seed, which `label.teacher.source: grid` reads."""
+        if seed is None:
+            return f"grid/fold={fold}/strategy={strategy}/final.pt"
+        return f"{self.trial(fold, strategy, seed)}/final.pt"
+
+    def trial_metrics(self, fold: int, strategy: str, seed: int) -> str:
+        return f"{self.trial(fold, strategy, seed)}/metrics.json"
 
     @staticmethod
-    def trial_name(fold: int, strategy: str) -> str:
+    def trial_name(fold: int, strategy: str, seed: int) -> str:
         """A trial's name in Ray Tune, and its folder in Tune's experiment."""
-        return f"fold={fold}-{strategy}"
+        return f"fold={fold}-{strategy}-seed={seed}"
 
     def tune_trial_result(self, name: str) -> str:
         """Tune's own record of what a trial reported."""

@@ -95,3 +95,33 @@ def test_errors_never_echo_values_that_may_be_credentials(tmp_path):
         load_config(write(tmp_path, "cluster:\n  env:\n    AWS_SECRET_ACCESS_KEY: hunter2-secret\n"))
     assert "cluster.env" in str(exc.value)
     assert "hunter2" not in str(exc.value)
+
+
+def test_k8s_configs_validate():
+    for path in sorted((REPO_CONFIGS.parent / "k8s").rglob("config.yaml")):
+        load_config(path)
+
+
+def test_stand_in_metric_networks_only_with_the_tiny_model(tmp_path):
+    real = "lora:\n  base_model: s3://b/models/sdxl\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, real))
+    msg = str(exc.value)
+    assert "evaluate.inception_weights and evaluate.clip_weights are 'tiny'" in msg
+    assert "t2id models cache" in msg and len(msg.splitlines()) == 1 and "got {" not in msg  # no config dump
+    weights = "evaluate:\n  inception_weights: s3://b/models/inception.pth\n  clip_weights: s3://b/models/clip\n"
+    assert load_config(write(tmp_path, real + weights)).lora.base_model == "s3://b/models/sdxl"
+    with pytest.raises(ConfigError, match="evaluate.clip_weights is 'tiny'"):
+        load_config(write(tmp_path, real + "evaluate:\n  inception_weights: /w/inception.pth\n"))
+    # without the evaluate stage only the generate CLIP gate needs CLIP
+    no_eval = real + "run:\n  stages: [data, split, lora, generate]\n"
+    load_config(write(tmp_path, no_eval))
+    with pytest.raises(ConfigError, match="evaluate.clip_weights is 'tiny'"):
+        load_config(write(tmp_path, no_eval + "generate:\n  quality:\n    min_clip_score: 20\n"))
+    assert load_config(write(tmp_path, "lora:\n  base_model: tiny\n")).evaluate.inception_weights == "tiny"
+
+
+def test_is_splits_cannot_exceed_the_images_per_class(tmp_path):
+    with pytest.raises(ConfigError, match=r"evaluate.is_splits=10 > generate.images_per_class=4.*is_splits <= 4"):
+        load_config(write(tmp_path, "generate:\n  images_per_class: 4\n"))
+    load_config(write(tmp_path, "generate:\n  images_per_class: 4\nevaluate:\n  is_splits: 4\n"))

@@ -171,6 +171,40 @@ def test_subject_map_variants(corrupt, tmp_path):
     assert len(scan_dataset(corrupt, subject_map=str(tmp_path / "map.yaml")).images) == len(VALID)
 
 
+def make_subject_clash_dataset(root: Path) -> Path:
+    """Two subjects, each with a frame001.png in its own folder (the issue's case)."""
+    for i, subject in enumerate(("s1", "s2")):
+        for j in (1, 2):
+            _png(root / "images" / subject / f"frame00{j}.png", _noise(16, 16, seed=100 + 10 * i + j))
+    (root / "data.yaml").write_text(yaml.safe_dump({"train": "images", "names": NAMES}))
+    return root
+
+
+def test_subject_map_matches_paths_and_rejects_ambiguous_basenames(tmp_path):
+    root = make_subject_clash_dataset(tmp_path / "clash")
+    frames = [f"{s}/frame00{j}.png" for s in ("s1", "s2") for j in (1, 2)]
+    # Keyed by the path relative to the dataset root, or by an unambiguous tail of it: each frame
+    # gets its own subject (basename matching with "first wins" put all of s2 into s1).
+    for keys in ([f"images/{f}" for f in frames], frames):
+        (tmp_path / "map.csv").write_text("image,subject\n" + "".join(f"{k},{k.split('/')[-2]}\n" for k in keys))
+        scan = scan_dataset(root, subject_map=str(tmp_path / "map.csv"))
+        assert {r.path: r.group for r in scan.images} == {f"images/{f}": f.split("/")[0] for f in frames}
+    # A basename naming two images is an error that lists the clash, on one line.
+    (tmp_path / "map.csv").write_text("frame001.png,s1\nframe002.png,s1\n")
+    with pytest.raises(UserError) as err:
+        scan_dataset(root, subject_map=str(tmp_path / "map.csv"))
+    message = str(err.value)
+    assert "'frame001.png' -> images/s1/frame001.png, images/s2/frame001.png" in message
+    assert "'frame002.png'" in message and "relative to the dataset root" in message and "\n" not in message
+    # One image under two keys with different subjects, and one key given two subjects: errors too.
+    (tmp_path / "map.csv").write_text("images/s1/frame001.png,s1\ns1/frame001.png,s9\n")
+    with pytest.raises(UserError, match="different subjects: images/s1/frame001.png"):
+        scan_dataset(root, subject_map=str(tmp_path / "map.csv"))
+    (tmp_path / "map.csv").write_text("s1/frame001.png,s1\ns1/frame001.png,s2\n")
+    with pytest.raises(UserError, match="line 2: 's1/frame001.png' is given subject 's2'"):
+        scan_dataset(root, subject_map=str(tmp_path / "map.csv"))
+
+
 def test_parse_label_accepts_crlf_and_blank_lines():
     boxes, problems = parse_label("0 0.5 0.5 0.2 0.2\r\n\r\n   \n1 0.1 0.1 0.1 0.1\r\n", 2)
     assert problems == [] and [b[0] for b in boxes] == [0, 1]

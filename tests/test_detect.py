@@ -164,10 +164,21 @@ def test_every_preset_trains_one_epoch_and_reports_six_classes(phantom_run, name
     assert all(r["fold"] == 0 and r["strategy"] == name for r in rows)
 
     # outputs in the run store
-    saved = json.loads(store.read_text(layout.grid.trial_metrics(0, name)))
-    assert saved["per_class"].keys() == set(PAPER_CLASSES) and saved["fold"] == 0
-    assert saved["best_weights"] == layout.grid.weights(0, name)
-    assert store.sha256(layout.grid.weights(0, name)) == sha256_file(result.best_weights)
+    saved = json.loads(store.read_text(layout.grid.trial_metrics(0, name, 0)))
+    assert saved["per_class"].keys() == set(PAPER_CLASSES) and saved["fold"] == 0 and saved["seed"] == 0
+    assert saved["weights"] == layout.grid.weights(0, name, 0) and result.weights.name == "last.pt"
+    assert store.sha256(layout.grid.weights(0, name, 0)) == sha256_file(result.weights)
+    # equal compute for every preset (default budget: the fold's 12 real train images x 1 epoch, synthetic
+    # images not counted), counted during training; the final model is the one reported
+    assert (saved["budget_unit"], saved["budget"], saved["images_seen"]) == ("images_seen", 12, 12)
+    assert result.images_seen == 12 and result.optimizer_steps == 1  # 2 batches, accumulate capped at 2
+    assert saved["selection"] == "final" and saved["n_real_train"] == 12
+    # every val image has a predictions row; the reported mAP is computed from them
+    pred = store.read_table(layout.grid.predictions(0, name, 0))
+    assert sorted(pred["image_id"].to_pylist()) == sorted(phantom_run["fold"].val_ids)
+    assert sum(len(g) for g in pred["gt"].to_pylist()) == sum(result.val_instances.values())
+    from t2id.detect.predictions import coco_map
+    assert coco_map(pred, len(PAPER_CLASSES)).map50_95 == pytest.approx(result.overall["map50_95"])
 
     # the strategy reached ultralytics: synthetic images, class-weighted loss
     run_dir = result.best_weights.parent.parent.parent
@@ -194,6 +205,7 @@ def test_trainer_draws_from_the_sampler_including_mosaic_and_mixup_tiles(phantom
     assert isinstance(sampler, CASSampler if sampling == "cas" else RFSSampler)
     assert isinstance(dataset, SampledYOLODataset)
     n_draws = len(sampler)
+    assert trainer.images_seen == n_draws  # counted per forward pass
     if sampling == "cas":
         assert n_draws == 24 and len(trainer.train_loader) == 3  # 24 draws / batch 8, from 12 images
     else:
@@ -287,3 +299,41 @@ def test_s3_weights_are_fetched_into_the_cache_and_missing_ones_are_user_errors(
 def test_synthetic_strategy_without_a_synthetic_set_is_a_user_error(phantom_run):
     with pytest.raises(UserError, match="synthetic"):
         detect_on_store(phantom_run["store"], 0, "t2id_cas", TINY, phantom_run["cache"], seed=0, synthetic=None)
+
+
+def test_stored_predictions_agree_with_pycocotools(phantom_run, tmp_path):
+    """A real tiny YOLO trial (3 epochs, so it predicts something): COCOeval on its stored
+    predictions.parquet gives the mAP50-95 the trial reports, within 0.01."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    store, cache = phantom_run["store"], phantom_run["cache"]
+    detector = TINY.model_copy(update={"epochs": 3, "lr": 4e-3, "warmup_epochs": 0, "nominal_batch": 8,
+                                       "validate_every_epoch": False})
+    result = detect_on_store(store, 0, PRESETS["baseline"], detector, cache, seed=1)
+    assert result.images_seen == 36 and result.optimizer_steps == 6
+    table = store.read_table(layout.grid.predictions(0, "baseline", 1)).to_pylist()
+    assert sum(len(r["pred"]) for r in table) > 0
+    assert all(len(r["pred"]) <= 300 and all(p["conf"] >= 0.001 for p in r["pred"]) for r in table)
+    side = 64.0
+    images, anns, dets = [], [], []
+    for i, row in enumerate(table):
+        images.append({"id": i, "width": side, "height": side})
+        for b in row["gt"]:
+            w, h = b["w"] * side, b["h"] * side
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": b["class_id"], "iscrowd": 0,
+                         "bbox": [b["x"] * side - w / 2, b["y"] * side - h / 2, w, h], "area": w * h})
+        for p in row["pred"]:
+            w, h = p["w"] * side, p["h"] * side
+            dets.append({"image_id": i, "category_id": p["class_id"], "score": p["conf"],
+                         "bbox": [p["x"] * side - w / 2, p["y"] * side - h / 2, w, h]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": c} for c in range(len(PAPER_CLASSES))]}
+    gt.createIndex()
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev.params.areaRng = [[0, 1e10]] * 4  # area range "all" only (coco_map has no area ranges)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert abs(ev.stats[0] - result.overall["map50_95"]) < 0.01

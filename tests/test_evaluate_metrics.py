@@ -119,10 +119,36 @@ def test_inception_score_of_uniform_and_confident_predictions():
     collapsed = np.full((40, k), -50.0)
     collapsed[:, 0] = 50.0
     assert metrics.inception_score(collapsed, splits=4).mean == pytest.approx(1.0, abs=1e-6)
-    # splits keep >= 10 images each: 300 images -> the 10 asked for; 25 -> 2; 3 -> 1
+    # torch-fidelity's rule: exactly the splits asked for (never silently fewer); too few images is an error
     assert metrics.inception_score(np.zeros((300, 4)), splits=10).splits == 10
-    assert metrics.inception_score(uniform[:25], splits=10).splits == 2
-    assert metrics.inception_score(uniform[:3], splits=10).splits == 1
+    assert metrics.inception_score(uniform[:25], splits=10).splits == 10
+    with pytest.raises(ValueError, match="3 image\\(s\\) for 10 splits"):
+        metrics.inception_score(uniform[:3], splits=10)
+
+
+def _torch_fidelity_isc(logits: np.ndarray, splits: int, seed: int) -> tuple[float, float]:
+    """torch-fidelity's isc_featuresdict_to_metric, transcribed (its np.std is ddof=0)."""
+    n = logits.shape[0]
+    logits = logits[np.random.RandomState(seed).permutation(n)].astype(np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        pc, lpc = p[i * n // splits:(i + 1) * n // splits], log_p[i * n // splits:(i + 1) * n // splits]
+        q = pc.mean(axis=0, keepdims=True)
+        scores.append(float(np.exp((pc * (lpc - np.log(q))).sum(axis=1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_follows_torch_fidelity_splits():
+    # The issue's case: 50 images, 10 splits. Capping at n/10 gave 5 splits and a different score.
+    logits = np.random.default_rng(0).normal(0, 3, (50, 20))
+    mean_tf, std_tf = _torch_fidelity_isc(logits, 10, seed=7)
+    score = metrics.inception_score(logits, splits=10, seed=7)
+    assert score.splits == 10 and score.mean == pytest.approx(mean_tf, rel=1e-12)
+    assert score.std == pytest.approx(std_tf * np.sqrt(10 / 9), rel=1e-12)  # ddof=1
+    assert metrics.inception_score(logits, splits=5, seed=7).mean != pytest.approx(score.mean, rel=1e-3)
 
 
 def test_clip_scores_are_clamped_cosines():

@@ -82,10 +82,14 @@ def build_run(store, folds: int = 2, subjects: int = 4, frames: int = 4, synthet
         store.write_table(layout.generate.manifest(fold), pa.Table.from_pylist(syn, schema=SYNTHETIC_SCHEMA))
 
 
-def _run(store, tmp_path, force: bool = False, **evaluate):
+NO_LABEL = ["data", "split", "lora", "generate", "evaluate"]
+
+
+def _run(store, tmp_path, force: bool = False, stages=NO_LABEL, **evaluate):
     """The stage as the runner calls it: its settings from a config, a context without the config."""
-    cfg = validate_config({"run": {"id": "evaltest"}, "cluster": {"num_cpus": 2},
-                           "evaluate": {"kid_subsets": 20, "batch_size": 8, **evaluate}})
+    cfg = validate_config({"run": {"id": "evaltest", "stages": stages}, "cluster": {"num_cpus": 2},
+                           "grid": {"detector": {"imgsz": 32}},
+                           "evaluate": {"kid_subsets": 20, "batch_size": 8, "is_splits": 5, **evaluate}})
     ctx = StageContext(store=store, stage="evaluate", cache_dir=tmp_path / "cache", cluster=cfg.cluster,
                        endpoint_url=cfg.store.endpoint_url, force=force)
     return STAGE.run(ctx, STAGE.settings(cfg))
@@ -121,13 +125,15 @@ def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_
     rows = {(r["fold"], r["class"]): r for r in table.to_pylist()}
     assert set(rows) == {(f, c) for f in (0, 1) for c in ("tracheal ring", "vocal fold")}
 
-    # sample sizes: the fold's TRAIN images holding the class (2 subjects x frames with it), kept synthetic only
+    # sample sizes: the fold's VALIDATION images holding the class (2 subjects x frames with it), kept synthetic only
     from t2id.data.manifest import load_fold_rows
 
     for fold in (0, 1):
-        train = load_fold_rows(store, fold, "train")
-        assert rows[(fold, "tracheal ring")]["n_real"] == real_rows_of_class(train, 1).num_rows == 6
-        assert rows[(fold, "vocal fold")]["n_real"] == real_rows_of_class(train, 2).num_rows == 4
+        val = load_fold_rows(store, fold, "val")
+        assert rows[(fold, "tracheal ring")]["n_real"] == real_rows_of_class(val, 1).num_rows == 6
+        assert rows[(fold, "vocal fold")]["n_real"] == real_rows_of_class(val, 2).num_rows == 4
+        assert rows[(fold, "vocal fold")]["synthetic_source"] == "generate: kept text-to-image samples"
+        assert rows[(fold, "vocal fold")]["imgsz"] == 32
         assert rows[(fold, "tracheal ring")]["n_synthetic"] == rows[(fold, "vocal fold")]["n_synthetic"] == 5
         near, far = rows[(fold, "tracheal ring")], rows[(fold, "vocal fold")]
         assert np.isfinite([near["fid"], far["fid"], near["kid_mean"], near["is_mean"]]).all()
@@ -143,6 +149,11 @@ def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_
 
     md = store.read_text(TABLE_MD_KEY)
     assert "| tracheal ring |" in md and "16.112 / 18.184 / 30.4036" in md  # ours beside paper Table I
+    # tiny stand-in networks: every metrics row and every table row says so
+    assert set(table["networks"].to_pylist()) == {"stand-in, not comparable (random InceptionV3 and CLIP)"}
+    assert all("[stand-in, not comparable]" in line for line in md.splitlines() if "| tracheal ring |" in line
+               or "| vocal fold |" in line)
+    assert "stand-in, not comparable (random InceptionV3 and CLIP)" in store.read_text(TABLE_CSV_KEY)
     assert "tracheal ring" in store.read_text(TABLE_CSV_KEY)
 
     # A rerun (e.g. other KID settings) reuses every cached feature: no Ray pass, same FID/IS/CLIP.
@@ -155,11 +166,12 @@ def test_evaluate_stage_on_s3_with_ray_and_real_feature_cache(s3_run_store, tmp_
     # A unit's identity covers the weights and every image's sha256: a changed image or weight misses.
     syn = store.read_table(layout.evaluate.features(1, "synthetic"))
     images = list(zip(syn["id"].to_pylist(), syn["sha256"].to_pylist(), strict=True))
-    weights = cache.unit_weights("synthetic", "tiny-seed0", "tiny-seed0")
+    weights = cache.unit_weights("synthetic", "tiny-seed0", "tiny-seed0", 32)
+    assert not cache.feature_memo(store, 1, "synthetic", {**weights, "imgsz": "64"}, images).done()  # other resize
     assert cache.feature_memo(store, 1, "synthetic", weights, images).done()
     assert not cache.feature_memo(store, 1, "synthetic", weights, [(images[0][0], "0" * 64)] + images[1:]).done()
     assert not cache.feature_memo(store, 1, "synthetic", {**weights, "clip": "other"}, images).done()
-    assert cache.feature_memo(store, 1, "real", cache.unit_weights("real", "tiny-seed0", "other"),
+    assert cache.feature_memo(store, 1, "real", cache.unit_weights("real", "tiny-seed0", "other", 32),
                               _real_images(store, 1)).done()  # real features never depend on CLIP
     # A cache output that changed under its memo is not trusted: that fold's unit is extracted again.
     store.write_table(layout.evaluate.features(1, "synthetic"), syn.slice(0, 3))
@@ -242,14 +254,22 @@ def test_small_sets_give_nan_not_errors_and_the_table_says_n_a():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(6, 2048))
     none = class_metrics(real, np.zeros((0, 2048)), np.zeros((0, 1008)), np.zeros(0), 10, 1000, 10, seed=0)
-    one = class_metrics(real, rng.normal(size=(1, 2048)), rng.normal(size=(1, 1008)), np.array([31.0]), 10, 1000, 10,
+    one = class_metrics(real, rng.normal(size=(1, 2048)), rng.normal(size=(1, 1008)), np.array([31.0]), 10, 1000, 1,
                         seed=0)
+    with pytest.raises(UserError, match=r"is_splits=10 but only 1 synthetic image\(s\).*is_splits <= 1"):
+        class_metrics(real, rng.normal(size=(1, 2048)), rng.normal(size=(1, 1008)), np.array([31.0]), 10, 1000, 10,
+                      seed=0)
     assert none["n_synthetic"] == 0 and math.isnan(none["fid"]) and math.isnan(none["is_mean"])
     assert math.isnan(one["fid"]) and math.isnan(one["kid_mean"]) and one["is_mean"] == pytest.approx(1.0)
     assert one["clip_score"] == 31.0 and one["n_real"] == 6
-    table = pa.Table.from_pylist([{"fold": 0, "class": "vocal fold", "class_id": 5, **none}], schema=METRICS_SCHEMA)
+    from t2id.evaluate.core import REAL_NETWORKS, networks_note
+    assert networks_note("/w/inception.pth", "/w/clip") == REAL_NETWORKS
+    assert networks_note("/w/inception.pth", "tiny") == "stand-in, not comparable (random CLIP)"
+    table = pa.Table.from_pylist([{"fold": 0, "class": "vocal fold", "class_id": 5, **none,
+                                   "networks": REAL_NETWORKS}], schema=METRICS_SCHEMA)
     csv_text, md = table1(table, "SDXL-LoRA")
     assert "| SDXL-LoRA | vocal fold | 1 | n/a |" in md and "5.54 / 17.623 / 29.8079" in md
+    assert "stand-in" not in md and REAL_NETWORKS in csv_text
     assert csv_text.splitlines()[0].startswith("model,class,folds,fid_mean")
 
 
@@ -263,10 +283,16 @@ def test_settings_name_exactly_the_cross_section_inputs():
         return settings_hash(STAGE.settings(validate_config({"run": {"id": "x"}, **sections})))
 
     base = digest()
-    assert digest(lora={"base_model": "s3://b/models/sdxl"}) != base
+    real_nets = {"inception_weights": "s3://b/models/inception.pth", "clip_weights": "s3://b/models/clip"}
+    assert digest(lora={"base_model": "s3://b/models/sdxl"}, evaluate=real_nets) != digest(evaluate=real_nets)
     assert digest(run={"id": "x", "seed": 7}) != base
     assert digest(evaluate={"kid_subsets": 3}) != base
     assert digest(lora={"epochs": 3}) == base and digest(grid={"seed": 3}) == base
+    assert digest(grid={"detector": {"imgsz": 64}}) != base  # images are resized to the detector's input
+    assert digest(label={"method": "inpaint"}) != base  # the measured rows are label's, and it says how labelled
+    no_label = ["data", "split", "generate", "evaluate"]
+    assert digest(run={"id": "x", "stages": no_label}, label={"method": "inpaint"}) == \
+        digest(run={"id": "x", "stages": no_label})  # label off: generate's rows, whatever label.method says
 
 
 def test_weights_fingerprint_follows_content_not_path(tmp_path, s3_bucket, s3_server):
@@ -283,3 +309,44 @@ def test_weights_fingerprint_follows_content_not_path(tmp_path, s3_bucket, s3_se
     assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/inception.pth") == remote.sha256("inception.pth")
     assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/clip/") not in ("missing", first)
     assert cache.weights_fingerprint(f"s3://{s3_bucket}/models/none") == "missing"
+
+
+def test_table1_std_over_folds_is_the_sample_std():
+    from t2id.evaluate.core import METRICS_SCHEMA, REAL_NETWORKS, table1
+
+    rows = [{"fold": f, "class": "vocal fold", "class_id": 5, "fid": fid, "kid_mean": 0.0, "kid_std": 0.0,
+             "kid_subset_size": 2, "is_mean": 1.0, "is_std": 0.0, "clip_score": 30.0, "n_real": 3,
+             "n_synthetic": 3, "networks": REAL_NETWORKS} for f, fid in ((0, 1.0), (1, 3.0))]
+    csv_text, md = table1(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), "SDXL-LoRA")
+    assert "| 2.00 ± 1.41 |" in md and "ddof=1" in md  # sqrt(2): ddof=1 (ddof=0 would give 1.00)
+
+
+def test_label_rows_are_measured_when_label_runs_and_images_are_resized(tmp_path):
+    """With the label stage on, the synthetic set is label's kept rows WITH boxes (what the detector
+    trains on), and both sets are first resized to grid.detector.imgsz."""
+    from PIL import Image
+
+    from t2id.evaluate.core import gather_sets
+    from t2id.evaluate.features import detector_resize
+    from t2id.label.stage import LABELS_SCHEMA
+
+    store = open_store(str(tmp_path / "store"))
+    build_run(store)
+    for fold in (0, 1):
+        syn = store.read_table(layout.generate.manifest(fold)).to_pylist()
+        rows = []
+        for i, r in enumerate(syn):
+            boxed = i % 3 != 0  # every third row got no box from the labeller: not trained on, not measured
+            rows.append({**{n: r.get(n) for n in LABELS_SCHEMA.names}, "label_source": "inpaint",
+                         "boxes": [{"class_id": r["class_id"], "x": 0.5, "y": 0.5, "w": 0.2, "h": 0.2}] if boxed else []})
+        store.write_table(layout.label.labels(fold), pa.Table.from_pylist(rows, schema=LABELS_SCHEMA))
+    sets = gather_sets(store, [0, 1], NAMES, from_label=True)
+    for st in sets:
+        assert st.synthetic.num_rows > 0 and all(b for b in st.synthetic["boxes"].to_pylist())
+        assert all(st.synthetic["kept"].to_pylist())
+    generated = gather_sets(store, [0, 1], NAMES)
+    assert sum(st.synthetic.num_rows for st in sets) < sum(st.synthetic.num_rows for st in generated)
+
+    assert detector_resize(Image.new("L", (64, 48)), 32).size == (32, 24)  # long side -> imgsz, aspect kept
+    assert detector_resize(Image.new("RGB", (20, 10)), 40).size == (40, 20)
+    assert detector_resize(Image.new("RGB", (32, 32)), 32).mode == "RGB"

@@ -1,4 +1,4 @@
-"""The grid stage: Ray Tune over fold x strategy, resumable from the store (local and S3).
+"""The grid stage: Ray Tune over fold x strategy x seed, resumable from the store (local and S3).
 
 Orchestration tests use small pure train functions (fast); the end-to-end test trains the real
 tiny YOLO through the detect helper on the phantom, kills the grid driver with SIGKILL after a
@@ -51,7 +51,7 @@ def _trials(counter_dir: Path, fail: dict[str, int] | None = None, sleep: float 
     for fold in (0, 1):
         for strategy in ("baseline", "cas"):
             name = f"fold={fold}-{strategy}"
-            out.append({"name": name, "fold": fold, "strategy": strategy, "counter_dir": str(counter_dir),
+            out.append({"name": name, "fold": fold, "strategy": strategy, "seed": 0, "counter_dir": str(counter_dir),
                         "fail_times": fail.get(name, 0), "sleep": sleep, "identity": {"trial": name, "version": 1}})
     return out
 
@@ -135,8 +135,8 @@ def _finished_trials(store) -> set[str]:
     """Trials whose result a resumed grid reuses: the trial itself publishes its result and then its memo
     when it ends (Tune's own experiment state is synced to the store only every few seconds, so with
     fast trials it can lag behind all of them)."""
-    return {f"fold={fold}-{strategy}" for fold in (0, 1) for strategy in ("baseline", "cas")
-            if store.exists(layout.memo(layout.grid.trial(fold, strategy)))}
+    return {layout.grid.trial_name(fold, strategy, 0) for fold in (0, 1) for strategy in ("baseline", "cas")
+            if store.exists(layout.memo(layout.grid.trial(fold, strategy, 0)))}
 
 
 def _wait_finished(store, proc, at_least: int, timeout: float = 240.0) -> set[str]:
@@ -178,12 +178,13 @@ def test_killed_grid_resumes_without_rerunning_finished_trials(tmp_path):
     assert "('grid', 'ran', True)" in line[0]  # the runner redid the stage, which kept the finished trials
     for name in finished:
         assert _count(counters, name) == 1, f"{name} finished before the kill but trained again"
-    trained = {"fold=0-baseline", "fold=0-cas", "fold=1-baseline", "fold=1-cas"}
+    trained = {"fold=0-baseline-seed=0", "fold=0-cas-seed=0", "fold=1-baseline-seed=0", "fold=1-cas-seed=0"}
     assert {p.name for p in counters.iterdir()} == trained
 
     trials = store.read_table(layout.grid.trials).to_pandas()
     classes = json.loads(store.read_text(layout.data.classes))["names"]
-    assert len(trials) == 2 * 3 * (1 + len(classes))  # (fold, strategy, class) incl. "all classes"
+    assert len(trials) == 2 * 3 * (1 + len(classes))  # (fold, strategy, seed, class) incl. "all classes"
+    assert (trials["seed"] == 0).all()
     ok = trials[trials["status"] == "ok"]
     assert set(zip(ok["fold"], ok["strategy"])) == {(0, "baseline"), (0, "cas"), (1, "baseline"), (1, "cas")}
     overall = ok[ok["class"] == "all classes"]
@@ -191,10 +192,24 @@ def test_killed_grid_resumes_without_rerunning_finished_trials(tmp_path):
     assert overall["map50_95"].between(0, 1).all()
     assert (ok["train_seconds"] > 0).all()
     assert list(ok["class"][:1 + len(classes)]) == ["all classes", *classes]
+    # Equal compute (default budget: the fold's real training images x epochs), counted during training;
+    # the final model is reported; its per-image predictions cover every validation image of the fold.
+    assert (ok["selection"] == "final").all() and (ok["budget_unit"] == "images_seen").all()
+    folds = store.read_table(layout.split.folds).to_pandas()
+    for fold, per_fold in overall.groupby("fold"):
+        n_real = int((folds["fold"] != fold).sum())
+        assert set(per_fold["budget"]) == {n_real} and set(per_fold["images_seen"]) == {n_real}
+        assert per_fold["optimizer_steps"].nunique() == 1 and per_fold["optimizer_steps"].iloc[0] > 0
+        for _, row in per_fold.iterrows():
+            assert row["predictions"] == layout.grid.predictions(fold, row["strategy"], 0)
+            pred = store.read_table(row["predictions"])
+            assert sorted(pred["image_id"].to_pylist()) == sorted(folds.loc[folds["fold"] == fold, "image_id"])
+    skipped_rows = trials[trials["status"] == "skipped"]
+    assert skipped_rows["predictions"].isna().all() and skipped_rows["optimizer_steps"].isna().all()
     skipped = trials[trials["status"] == "skipped"]
     assert set(skipped["strategy"]) == {"t2id_cas"} and skipped["reason"].str.contains("label stage").all()
     curves = store.read_table(layout.grid.pr_curves).to_pandas()
-    assert set(zip(curves["fold"], curves["strategy"])) == set(zip(ok["fold"], ok["strategy"]))
+    assert set(zip(curves["fold"], curves["strategy"], curves["seed"])) == set(zip(ok["fold"], ok["strategy"], ok["seed"]))
     assert curves["recall"].between(0, 1).all()
 
     # Tune saw only our one report per trial: ultralytics' Ray Tune callback (per-epoch
@@ -252,7 +267,7 @@ def test_a_changed_identity_or_force_trains_again(ray_local, tmp_path):
     forced = _run(changed, store, tmp_path, force=True)
     assert forced.reused == 0 and _count(counters, trials[0]["name"]) == 2 and len(forced.results) == 2
     # A result that changed under its memo is not trusted: that trial trains again.
-    store.write_text(layout.grid.result(0, "cas"), "{}")
+    store.write_text(layout.grid.result(0, "cas", 0), "{}")
     assert _run(changed, store, tmp_path).reused == 1 and _count(counters, "fold=0-cas") == 4
 
 
@@ -291,8 +306,8 @@ def test_plan_feeds_kept_labelled_synthetic_rows_and_records_skips(tmp_path):
     inputs = {"data": "d1", "split": "s1"}
     trials, skipped, folds, classes = plan_trials(store, s, inputs)
     assert folds == [0, 1] and classes == ["a", "b"]
-    assert {t["name"] for t in trials} == {"fold=0-baseline", "fold=0-t2id_cas", "fold=1-baseline"}
-    sdxl = next(t for t in trials if t["name"] == "fold=0-t2id_cas")
+    assert {t["name"] for t in trials} == {"fold=0-baseline-seed=0", "fold=0-t2id_cas-seed=0", "fold=1-baseline-seed=0"}
+    sdxl = next(t for t in trials if t["name"] == "fold=0-t2id_cas-seed=0")
     assert sdxl["n_synthetic"] == 1 and sdxl["synthetic_key"] == layout.label.labels(0)
     assert usable_synthetic(store.read_table(sdxl["synthetic_key"]))["image_id"].to_pylist() == ["s0"]
     # fold 1 has no synthetic set: its t2id_cas trial is recorded as skipped (one row per class + all), with why.
@@ -302,9 +317,10 @@ def test_plan_feeds_kept_labelled_synthetic_rows_and_records_skips(tmp_path):
     memo = {t["name"]: trial_memo(store, t).digest for t in trials}
     store.write_table(layout.label.labels(0), pa.Table.from_pylist([{"image_id": "s9", "boxes": [box]}]))
     again = {t["name"]: trial_memo(store, t).digest for t in plan_trials(store, s, inputs)[0]}
-    assert again["fold=0-t2id_cas"] != memo["fold=0-t2id_cas"] and again["fold=0-baseline"] == memo["fold=0-baseline"]
+    assert again["fold=0-t2id_cas-seed=0"] != memo["fold=0-t2id_cas-seed=0"]
+    assert again["fold=0-baseline-seed=0"] == memo["fold=0-baseline-seed=0"]
     other_data = {t["name"]: trial_memo(store, t).digest for t in plan_trials(store, s, {**inputs, "data": "d2"})[0]}
-    assert other_data["fold=0-baseline"] != memo["fold=0-baseline"]
+    assert other_data["fold=0-baseline-seed=0"] != memo["fold=0-baseline-seed=0"]
     # Without the label stage the synthetic strategies are skipped with that reason.
     no_label = settings(validate_config({"run": {"stages": ["data", "split", "grid"]},
                                          "grid": {"strategies": ["baseline", "t2id_cas"]}}))
@@ -326,3 +342,51 @@ def test_grid_settings_name_exactly_the_cross_section_inputs():
     assert digest(grid={"detector": {"epochs": 2}}) != base
     assert digest(label={"method": "inpaint"}) == base and digest(report={"seed": 2}) == base
     assert digest(grid={"seed": 1}, run={"id": "x", "seed": 3}) == digest(grid={"seed": 1})
+
+
+def test_seeds_are_a_grid_axis(tmp_path):
+    """grid.seeds: one trial per fold x strategy x seed, each with its own name, keys and identity."""
+    import pyarrow as pa
+
+    from t2id.errors import ConfigError
+    from t2id.grid.core import plan_trials
+
+    store = open_store(str(tmp_path / "run"))
+    store.write_text(layout.data.classes, json.dumps({"names": ["a", "b"]}))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(
+        [{"image_id": f"i{i}", "fold": i % 2, "group": f"s{i}"} for i in range(4)]))
+    s = settings(validate_config({"run": {"stages": ["data", "split", "grid"]},
+                                  "grid": {"strategies": ["baseline", "t2id_cas"], "seeds": [3, 7]}}))
+    assert s.seeds == [3, 7] and s.run_seed is None
+    trials, skipped, _, _ = plan_trials(store, s, {})
+    assert sorted((t["fold"], t["strategy"], t["seed"]) for t in trials) == [
+        (0, "baseline", 3), (0, "baseline", 7), (1, "baseline", 3), (1, "baseline", 7)]
+    assert len({t["name"] for t in trials}) == 4 and "fold=0-baseline-seed=7" in {t["name"] for t in trials}
+    assert len({trial_memo(store, t).digest for t in trials}) == 4
+    assert len({layout.memo(layout.grid.trial(t["fold"], t["strategy"], t["seed"])) for t in trials}) == 4
+    assert {(r["fold"], r["seed"]) for r in skipped} == {(0, 3), (0, 7), (1, 3), (1, 7)}  # skipped per seed too
+    # default: one seed, grid.seed or else run.seed
+    assert settings(validate_config({"run": {"seed": 5}})).seeds == [5]
+    assert settings(validate_config({"grid": {"seed": 2}})).seeds == [2]
+    with pytest.raises(ConfigError, match="grid.seeds"):
+        validate_config({"grid": {"seeds": [1, 1]}})
+    with pytest.raises(ConfigError, match="both set"):
+        validate_config({"grid": {"seeds": [1], "seed": 1}})
+
+
+def test_trials_table_has_the_contract_columns():
+    from t2id.grid.core import TRIALS_SCHEMA, skipped_rows, tables
+
+    trial = {"name": "t", "fold": 0, "strategy": "baseline", "seed": 4, "n_synthetic": 0}
+    output = {"overall": {"map50_95": 0.5}, "per_class": {}, "pr_curves": {"a": [[0.0, 1.0]]}, "seconds": 1.0,
+              "budget_unit": "images_seen", "budget": 40, "optimizer_steps": 5, "images_seen": 40,
+              "selection": "final", "predictions": layout.grid.predictions(0, "baseline", 4)}
+    table, curves = tables([trial], {"t": output}, skipped_rows(1, "baseline", 4, ["a"], "why"), ["baseline"], ["a"])
+    assert table.schema == TRIALS_SCHEMA
+    assert table.column_names == ["fold", "strategy", "seed", "class", "map50_95", "map50", "precision", "recall",
+                                  "train_seconds", "n_synthetic", "budget_unit", "budget", "optimizer_steps",
+                                  "images_seen", "selection", "predictions", "status", "reason"]
+    row = table.to_pylist()[0]
+    assert row["seed"] == 4 and row["selection"] == "final" and row["optimizer_steps"] == 5
+    assert row["predictions"] == "grid/fold=0/strategy=baseline/seed=4/predictions.parquet"
+    assert curves.column("seed").to_pylist() == [4]

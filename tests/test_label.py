@@ -87,7 +87,9 @@ def test_settings_hold_the_cross_section_inputs_of_the_labeler_in_use():
     inpaint = {"method": "inpaint"}
     assert settings(validate_config({"label": inpaint})).teacher_detector is None
     assert digest(label=inpaint, grid={"detector": {"epochs": 3}}) == digest(label=inpaint)
-    for changed in ({"generate": {"steps": 3}}, {"lora": {"base_model": "/other"}}, {"run": {"seed": 4}},
+    real_nets = {"inception_weights": "/w/inception.pth", "clip_weights": "/w/clip"}  # a real base model needs them
+    for changed in ({"generate": {"steps": 3}}, {"lora": {"base_model": "/other"}, "evaluate": real_nets},
+                    {"run": {"seed": 4}},
                     {"lora": {"target_classes": [{"name": "vocal fold", "prompts": ["a fold"]}]}}):
         assert digest(label=inpaint, **changed) != digest(label=inpaint), changed
     # not used by inpainting: generate.folds (label.folds picks folds), the CLIP gate, contact sheets
@@ -241,8 +243,14 @@ def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(ph
     cfg = validate_config(make_config(tmp, method="inpaint", folds=[1],
                                       inpaint={"box_margin": 0.1, "images_per_class": 1}))
     run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
-    labels = store.read_table("label/fold=1/labels.parquet").to_pylist()
+    table = store.read_table("label/fold=1/labels.parquet")
+    labels = table.to_pylist()
     assert len(labels) == 2  # 2 target classes x label.inpaint.images_per_class 1
+    from t2id.label.stage import CLASS_COUNTS_KEY
+    counts = json.loads(table.schema.metadata[CLASS_COUNTS_KEY])  # per-class shortfall, for the report
+    assert len(counts) == 2 and all(c["target"] == 1 and c["rows"] == 1 for c in counts)
+    assert all(c["used"] + c["shortfall"] == 1 and c["used"] + c["rejected_gate"] + c["rejected_memorization"]
+               + c["kept_without_boxes"] == 1 for c in counts)
     train = {r["image_id"]: r for r in load_fold_rows(store, 1, "train").to_pylist()}
     for row in labels:
         assert row["label_source"] == "inpaint" and row["source"] == "synthetic"
@@ -267,3 +275,18 @@ def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(ph
     outcome = run_pipeline(cfg, only="label", force="label", stages=stages("data", "split", "label"))
     assert outcome[0].summary["folds"]["1"]["reused"] == 2 and outcome[0].summary["folds"]["1"]["made"] == 0
     assert {k: store.sha256(k) for k in store.list("label/fold=1/inpaint/images")} == before
+
+
+def test_class_counts_show_the_shortfall_after_label_rejections():
+    from t2id.label.stage import class_counts
+
+    box = [{"class_id": 1, "x": 0.5, "y": 0.5, "w": 0.1, "h": 0.1}]
+    rows = ([{"class_id": 1, "kept": True, "boxes": box, "reject_reason": None}] * 2
+            + [{"class_id": 1, "kept": False, "boxes": [], "reject_reason": "std<=30"}]
+            + [{"class_id": 1, "kept": False, "boxes": box, "reject_reason": "memorized: pixels similarity 0.99"}]
+            + [{"class_id": 1, "kept": True, "boxes": [], "reject_reason": None}]
+            + [{"class_id": 0, "kept": True, "boxes": box, "reject_reason": None}] * 4)
+    by_class = {c["class"]: c for c in class_counts(rows, ["a", "b"], target=4)}
+    assert by_class["b"] == {"class_id": 1, "class": "b", "target": 4, "rows": 5, "rejected_gate": 1,
+                             "rejected_memorization": 1, "kept_without_boxes": 1, "used": 2, "shortfall": 2}
+    assert by_class["a"]["used"] == 4 and by_class["a"]["shortfall"] == 0

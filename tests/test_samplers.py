@@ -192,3 +192,26 @@ def test_bad_inputs_are_user_errors():
         rfs_repeat_factors([[0]], 0.0)
     with pytest.raises(UserError, match="background"):
         cas_epoch_indices([[], []], seed=0, epoch=0)
+
+
+def test_uniform_sampler_draws_a_fixed_length_without_replacement_as_far_as_possible():
+    from t2id.detect.samplers import UniformSampler, uniform_epoch_indices
+
+    sampler = UniformSampler(10, seed=3, epoch_size=25)
+    epoch = sampler.epoch_indices(0)
+    assert len(epoch) == len(sampler) == 25
+    counts = np.bincount(epoch, minlength=10)
+    assert counts.min() >= 2 and counts.max() <= 3  # floor / ceil of 25 / 10
+    assert sorted(epoch[:10]) == list(range(10))  # each full pass is a permutation
+    assert np.array_equal(uniform_epoch_indices(10, 3, 0, 25), epoch)
+    assert not np.array_equal(uniform_epoch_indices(10, 3, 1, 25), epoch)
+    assert len(UniformSampler(10, seed=0)) == 10 and np.allclose(sampler.marginal(), 0.1)
+
+
+def test_rfs_sampler_takes_a_budgeted_epoch_length():
+    from t2id.detect.samplers import RFSSampler
+
+    classes = [[0]] * 8 + [[1]]
+    sampler = RFSSampler(classes, 0.5, seed=0, epoch_size=9)
+    assert len(sampler) == 9 and len(sampler.epoch_indices(0)) == 9
+    assert len(RFSSampler(classes, 0.5, seed=0)) == round(sampler.repeat_factors.sum()) > 9

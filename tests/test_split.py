@@ -116,3 +116,38 @@ def test_split_stage_on_the_phantom(tmp_path):
     # run.seed is the split's only input from another section: it redoes split, not data
     reseeded = validate_config({**again.model_dump(mode="json"), "run": {**again.run.model_dump(), "seed": 4}})
     assert [o.status for o in run_pipeline(reseeded, stages=STAGES)] == ["skipped", "ran"]
+
+
+def test_leak_check_uses_the_manifest_subjects_not_the_folds_group_column():
+    import pyarrow as pa
+
+    from t2id.split.leakcheck import check_tables
+    manifest = pa.table({"image_id": ["a", "b", "c", "d"], "group": ["s1", "s1", "s2", "s2"]})
+    # folds.parquet's own group column is self-consistent (it says b belongs to s2), so a check on
+    # it passes; the data manifest says b is s1's frame, so s1 sits in folds 0 and 1.
+    folds = pa.table({"image_id": ["a", "b", "c", "d"], "fold": [0, 1, 1, 1], "group": ["s1", "s2", "s2", "s2"]})
+    assert_no_leak(folds["group"].to_pylist(), folds["fold"].to_pylist())
+    check = check_tables(manifest, folds)
+    assert check.several_folds == {"s1": [0, 1]} and not check.ok
+    assert "1 of 2 subjects in more than one fold: 's1' in folds [0, 1]" in check.describe()
+    check = check_tables(manifest, folds.slice(0, 3).set_column(1, "fold", pa.array([0, 0, 1])))
+    assert check.several_folds == {} and check.images_without_fold == ["d"] and not check.ok
+    good = check_tables(manifest, pa.table({"image_id": ["a", "b", "c", "d"], "fold": [0, 0, 1, 1]}))
+    assert good.ok and good.describe() == "subjects in more than one fold: 0 of 2 (data manifest vs folds)"
+
+
+def test_split_stage_runs_the_independent_leak_check(tmp_path):
+    from t2id.split.leakcheck import subjects_in_several_folds
+    src = write_phantom(tmp_path / "ph", subjects=4, frames_per_subject=4, size=64)
+    cfg = validate_config({
+        "run": {"id": "r", "seed": 0, "stages": ["data", "split"]},
+        "store": {"uri": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+        "data": {"source": str(src)}, "split": {"folds": 2},
+    })
+    outcomes = run_pipeline(cfg, stages=STAGES)
+    assert outcomes[-1].status == "ran"
+    store = run_store(cfg)
+    assert subjects_in_several_folds(store) == {}
+    import json
+    marker = json.loads(store.read_text(layout.marker("split")))
+    assert marker["summary"]["subjects_in_several_folds"] == 0, marker

@@ -44,7 +44,9 @@ CASES = [
     ({"data__phantom__subjects": 10}, {}, {"data"}),
     ({"split__folds": 3}, {}, {"split"}),
     ({"lora__rank": 8}, {}, {"lora"}),
-    ({"lora__base_model": "/models/sdxl"}, {}, {"lora", "generate", "label", "evaluate"}),
+    ({"lora__base_model": "/models/sdxl"},  # a real base model needs real metric networks (issue 15)
+     {"evaluate__inception_weights": "/models/inception.pth", "evaluate__clip_weights": "/models/clip"},
+     {"lora", "generate", "label", "evaluate"}),
     ({"lora__target_classes": [{"name": "tracheal ring", "prompts": ["a ring"]}]}, {},
      {"lora", "generate", "label", "report"}),
     ({"generate__steps": 3}, {}, {"generate", "label"}),  # inpainting reuses generate's sampler settings

@@ -33,8 +33,11 @@ class DataConfig(Section):
     phantom: PhantomConfig = PhantomConfig()
     subject_map: str | None = Field(
         None,
-        description="CSV (image,subject) or YAML/JSON mapping image path, file name or stem -> subject id. "
-                    "A relative path is looked up in the working directory, then in the dataset. Default "
+        description="CSV (image,subject) or YAML/JSON mapping image -> subject id. Keys are image paths relative "
+                    "to the dataset root (images/s1/frame001.png); a shorter tail (s1/frame001.png, a file name, "
+                    "a path without extension) is accepted only when it names exactly one image, else the import "
+                    "fails listing the clashes. The map file's own path is looked up in the working directory, "
+                    "then in the dataset. Default "
                     "(no map, no regex): subjects.csv at the dataset root (the phantom writes one).",
     )
     subject_regex: str | None = Field(

@@ -188,10 +188,14 @@ def _walk(folder: Path) -> list[str]:
 # --- subjects ----------------------------------------------------------------------------------
 
 SubjectOf = Callable[[str], str | None]
+SubjectsFor = Callable[[list[str]], SubjectOf]  # the dataset's image paths -> a resolver for them
 
 
 def load_subject_map(path: Path) -> dict[str, str]:
-    """CSV (columns image,subject; header optional) or YAML/JSON mapping: image path/name/stem -> subject."""
+    """CSV (columns image,subject; header optional) or YAML/JSON mapping: image path -> subject.
+
+    A key given twice with two different subjects is an error (it would otherwise depend on row order).
+    """
     if not path.is_file():
         raise UserError(f"subject map {path} not found; set data.subject_map to a CSV/YAML file or use data.subject_regex")
     text = path.read_text(encoding="utf-8-sig")
@@ -214,12 +218,65 @@ def load_subject_map(path: Path) -> dict[str, str]:
     for i, row in enumerate(rows[start:], start=start + 1):
         if len(row) <= max(key_col, val_col):
             raise UserError(f"subject map {path} line {i}: expected 'image,subject', got {row}")
-        mapping[row[key_col].strip()] = row[val_col].strip()
+        key, subject = row[key_col].strip(), row[val_col].strip()
+        if mapping.setdefault(key, subject) != subject:
+            raise UserError(f"subject map {path} line {i}: '{key}' is given subject '{subject}' here and "
+                            f"'{mapping[key]}' earlier; give each image one subject")
+        mapping[key] = subject
     return mapping
 
 
-def subject_resolver(root: Path, subject_map: str | None, subject_regex: str | None) -> tuple[SubjectOf, str]:
-    """A function relpath -> subject (or None), and a description for messages."""
+def _key_forms(rel: str) -> list[str]:
+    """The map keys that may name the image at `rel` (its path relative to the dataset root): the
+    path itself and every shorter tail of it at a '/' (e.g. images/s1/f.png, s1/f.png, f.png),
+    each with or without its extension."""
+    parts = rel.split("/")
+    tails = ["/".join(parts[i:]) for i in range(len(parts))]
+    return tails + [t.rsplit(".", 1)[0] for t in tails if "." in t.rsplit("/", 1)[-1]]
+
+
+def match_subject_map(mapping: dict[str, str], rels: list[str], where: str) -> dict[str, str]:
+    """image path (relative to the dataset root) -> subject, from a map whose keys are paths.
+
+    A key names the image whose root-relative path it equals (that always wins); a shorter key (a tail of that path at
+    a '/', e.g. a file name, or the path without its extension) is accepted only when it names
+    exactly one image of the dataset. A key naming several images, or an image named by keys with
+    different subjects, is an error listing the clashes: basename matching with "first wins" puts
+    frames of one subject into another subject's fold without a word.
+    """
+    keys_of: dict[str, list[str]] = {}
+    for rel in rels:
+        for form in dict.fromkeys(_key_forms(rel)):
+            keys_of.setdefault(form, []).append(rel)
+    exact = set(rels)
+    subject_of: dict[str, tuple[str, str]] = {}  # rel -> (key, subject)
+    ambiguous: list[str] = []
+    conflicting: list[str] = []
+    for raw_key, subject in mapping.items():
+        key = raw_key.replace("\\", "/").removeprefix("./")
+        hits = [key] if key in exact else keys_of.get(key, [])
+        if len(hits) > 1:
+            ambiguous.append(f"'{key}' -> {', '.join(hits[:4])}" + (f" (+{len(hits) - 4} more)" if len(hits) > 4 else ""))
+            continue
+        if hits:
+            prev = subject_of.setdefault(hits[0], (key, subject))
+            if prev[1] != subject:
+                conflicting.append(f"{hits[0]}: '{prev[0]}' -> {prev[1]}, '{key}' -> {subject}")
+    if ambiguous or conflicting:
+        clashes = ambiguous + conflicting
+        more = f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        what = ("keys name more than one image" if ambiguous else "") + \
+               (" and " if ambiguous and conflicting else "") + \
+               ("images are named by keys with different subjects" if conflicting else "")
+        raise UserError(f"subject map {where}: {what}: {'; '.join(clashes[:5])}{more}; key each image by its "
+                        f"path relative to the dataset root (e.g. images/s1/frame001.png)")
+    return {rel: subject for rel, (_, subject) in subject_of.items()}
+
+
+def subject_resolver(root: Path, subject_map: str | None, subject_regex: str | None) -> tuple[SubjectsFor, str]:
+    """A function (image paths relative to the root) -> (relpath -> subject or None), and a
+    description for messages. Map keys are matched against the dataset's whole list of images, so
+    an ambiguous key is found before any image is assigned."""
     if subject_regex:
         pattern = re.compile(subject_regex)
 
@@ -230,7 +287,7 @@ def subject_resolver(root: Path, subject_map: str | None, subject_regex: str | N
                     return m.group("subject")
             return None
 
-        return by_regex, f"the file name does not match data.subject_regex {subject_regex!r}"
+        return (lambda rels: by_regex), f"the file name does not match data.subject_regex {subject_regex!r}"
     if subject_map:
         map_path = Path(subject_map).expanduser()
         if not map_path.is_absolute() and not map_path.is_file():
@@ -241,19 +298,13 @@ def subject_resolver(root: Path, subject_map: str | None, subject_regex: str | N
         raise UserError(f"{root}: subjects unknown; set data.subject_map (CSV image,subject) or "
                         f"data.subject_regex, or put {SUBJECT_MAP_DEFAULT} at the dataset root")
     mapping = load_subject_map(map_path)
-    by_name: dict[str, str] = {}
-    by_stem: dict[str, str] = {}
-    norm = {k.replace("\\", "/").removeprefix("./"): v for k, v in mapping.items()}
-    for key, subject in norm.items():
-        name = key.rsplit("/", 1)[-1]
-        by_name.setdefault(name, subject)
-        by_stem.setdefault(name.rsplit(".", 1)[0], subject)
 
-    def by_map(rel: str) -> str | None:
-        name = rel.rsplit("/", 1)[-1]
-        return norm.get(rel) or by_name.get(name) or by_stem.get(name.rsplit(".", 1)[0]) or None
+    def for_images(rels: list[str]) -> SubjectOf:
+        matched = match_subject_map(mapping, rels, str(map_path))
+        return lambda rel: matched.get(rel) or None
 
-    return by_map, f"it is not in the subject map {map_path}"
+    return for_images, (f"it is not in the subject map {map_path} (keys: image paths relative to the "
+                        f"dataset root {root})")
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -349,7 +400,7 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
     names = class_names or layout.names
     if not names:
         raise UserError(f"{root}: class names unknown; set data.class_names or add `names` to data.yaml")
-    subject_of, no_subject_why = subject_resolver(root, subject_map, subject_regex)
+    subjects_for, no_subject_why = subject_resolver(root, subject_map, subject_regex)
     result = ScanResult(root=root, names=list(names))
     if class_names and layout.names and list(class_names) != layout.names:
         result.warnings.append(f"data.class_names overrides the names in {layout.yaml_path}")
@@ -423,6 +474,7 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
         return ImageRecord(r, hashlib.sha256(data).hexdigest(), size[0], size[1], group, boxes, label_rel)
 
     images.sort(key=rel)
+    subject_of = subjects_for([rel(p) for p in images])
     claimed = {label_path_for(path) for path in images}
     for path in label_files:
         if suffix(path) == LABEL_EXT and path not in claimed and path not in image_files:

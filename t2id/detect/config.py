@@ -42,6 +42,22 @@ class DetectorConfig(Section):
     )
 
 
+class BudgetConfig(Section):
+    """The compute each trial gets, equal across the strategies of a grid (issue 15: RFS epochs of sum(r_i)
+    draws and synthetic images counted into N gave some strategies 35%+ more optimizer steps)."""
+
+    unit: Literal["optimizer_steps", "images_seen"] = Field(
+        "images_seen", description="What `value` counts: optimizer steps or training images seen (draws).",
+    )
+    value: int | None = Field(
+        None, gt=0,
+        description="Budget per trial in `unit`, spread evenly over detector.epochs (every epoch draws the same "
+                    "number of images from the strategy's sampling distribution). Default: as many images as "
+                    "the fold has REAL training images per epoch (synthetic images are not counted), times epochs; "
+                    "in optimizer_steps, the steps that takes.",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Strategies as data (paper Table II): sampling x augment x class weighting x synthetic images.
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +91,8 @@ class StrategySpec(Section):
                     "for 1203 classes. With six classes, 0.5 repeats classes held by fewer than half the images.",
     )
     cas_epoch_size: int | None = Field(
-        None, gt=0, description="Draws per CAS epoch; default the number of train images (same cost as unsampled)."
+        None, gt=0, description="Draws per CAS epoch when no compute budget applies (default the number of train images); "
+                          "in the grid, grid.budget sets every strategy's epoch length instead."
     )
 
     @field_validator("name")

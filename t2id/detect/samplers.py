@@ -215,6 +215,23 @@ def cas_marginal(image_classes: ClassInput, num_classes: int | None = None) -> n
     return np.bincount(image_of, weights=1.0 / (n_present * images_per_class[class_ids]), minlength=n_images)
 
 
+def uniform_epoch_indices(n_images: int, seed: int, epoch: int, length: int | None = None) -> np.ndarray:
+    """One uniform epoch of `length` draws (default n_images): shuffles of range(n_images) read one
+    after the other, so every image is drawn floor or ceil(length / n_images) times (without
+    replacement as far as the length allows). Depends only on (n_images, seed, epoch, length)."""
+    if n_images <= 0:
+        raise UserError("uniform sampling needs at least one training image.")
+    length = n_images if length is None else int(length)
+    if length < 0:
+        raise UserError(f"epoch length must be >= 0, got {length}.")
+    rng = _epoch_rng(seed, epoch)
+    full, rest = divmod(length, n_images)
+    parts = [rng.permutation(n_images) for _ in range(full)]
+    if rest:
+        parts.append(rng.permutation(n_images)[:rest])
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
 def fit_length(indices: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
     """Truncate or pad a shuffled epoch to `length`; padding draws from the epoch itself, so proportions hold."""
     if indices.size >= length:
@@ -287,19 +304,40 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.epoch_size / self.num_replicas)
 
 
+class UniformSampler(EpochSampler):
+    """Uniform sampling with a fixed epoch length (`uniform_epoch_indices`): the unsampled strategies'
+    sampler when a compute budget fixes the draws per epoch. Default length: the number of images."""
+
+    def __init__(self, num_images: int, seed: int = 0, epoch_size: int | None = None,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        if num_images <= 0:
+            raise UserError("uniform sampling needs at least one training image.")
+        self.num_images = int(num_images)
+        super().__init__(self.num_images if epoch_size is None else epoch_size, seed, num_replicas, rank)
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        return uniform_epoch_indices(self.num_images, self.seed, epoch, self.epoch_size)
+
+    def marginal(self) -> np.ndarray:
+        return np.full(self.num_images, 1.0 / self.num_images)
+
+
 class RFSSampler(EpochSampler):
     """Repeat factor sampling (LVIS).
 
     Epoch length: the pure `rfs_epoch_indices` epoch is the sum of that epoch's stochastically rounded
-    repeats, which varies; a DataLoader needs a fixed length, so this sampler's epoch is
-    `round(sum(r_i))` (the expected length), truncating the shuffled epoch or padding it with extra
-    draws from itself. Per rank: ceil(epoch_size / num_replicas).
+    repeats, which varies; a DataLoader needs a fixed length, so this sampler's epoch is `epoch_size`
+    draws, default `round(sum(r_i))` (the expected length), truncating the shuffled epoch or padding it
+    with extra draws from itself (either keeps the repeat-factor proportions). A compute budget sets
+    `epoch_size` so that RFS costs what every other strategy costs. Per rank: ceil(epoch_size / num_replicas).
     """
 
     def __init__(self, image_classes: ClassInput, threshold: float, seed: int = 0,
-                 num_classes: int | None = None, num_replicas: int | None = None, rank: int | None = None) -> None:
+                 num_classes: int | None = None, num_replicas: int | None = None, rank: int | None = None,
+                 epoch_size: int | None = None) -> None:
         self.repeat_factors = rfs_repeat_factors(image_classes, threshold, num_classes)
-        super().__init__(int(round(self.repeat_factors.sum())), seed, num_replicas, rank)
+        size = int(round(self.repeat_factors.sum())) if epoch_size is None else int(epoch_size)
+        super().__init__(size, seed, num_replicas, rank)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         indices = rfs_epoch_indices(self.repeat_factors, self.seed, epoch)

@@ -4,9 +4,13 @@
   1. resolve the model (a model yaml with random init, or a local / s3:// weights file; never a download),
   2. turn the strategy into ultralytics hyperparameters (augment, class weights) + a sampler,
   3. train with `T2IDDetectionTrainer` (paper Sec. III-B: AdamW, lr 1e-3, wd 0.01, dropout 0.1),
-  4. read per-class mAP50-95 / mAP50 / precision / recall and PR curves of best.pt on the val fold.
-`detect_on_store(...)` materializes the fold from the run store, calls `detect`, and writes best
-weights + metrics back under the grid's trial folder. `device` is ultralytics' spelling ('cpu', '0'):
+  4. validate the FINAL model (last epoch; never best.pt, which is selected on the val fold) on the val
+     fold, keeping every val image's predictions (conf >= 0.001, <= 300 per image): mAP50-95 / mAP50
+     are computed from them with t2id.detect.coco_map, precision / recall and PR curves are ultralytics'.
+`epoch_size` fixes the draws per epoch for every strategy (a compute budget, `budget_epoch_size`);
+optimizer steps and images seen are counted during training.
+`detect_on_store(...)` materializes the fold from the run store, calls `detect`, and writes the final
+weights, the predictions and the metrics back under the grid's trial folder. `device` is ultralytics' spelling ('cpu', '0'):
 callers choose it with t2id.devices.
 """
 
@@ -24,7 +28,8 @@ import numpy as np
 import torch
 
 from t2id import layout
-from t2id.detect.config import DetectorConfig, StrategySpec, resolve_strategy
+from t2id.detect import predictions as preds
+from t2id.detect.config import BudgetConfig, DetectorConfig, StrategySpec, resolve_strategy
 from t2id.detect.trainer import T2IDDetectionTrainer
 from t2id.errors import UserError
 
@@ -41,16 +46,27 @@ _AUGMENT = {
 
 @dataclass
 class DetectResult:
-    """Metrics of best.pt on the val fold. Classes without val instances have NaN metrics."""
+    """Metrics of the final model on the val fold. Classes without val instances have NaN metrics."""
 
     strategy: str
     names: list[str]
     per_class: dict[str, dict[str, float]]
     overall: dict[str, float]
     pr_curves: dict[str, list[tuple[float, float]]]  # class -> (recall, precision) at IoU 0.5
-    best_weights: Path
+    weights: Path  # the final model (last.pt)
     seconds: float
     val_instances: dict[str, int] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # predictions.parquet rows (t2id.detect.predictions)
+    optimizer_steps: int = 0  # counted during training
+    images_seen: int = 0  # counted during training (training images drawn, with repeats)
+    epoch_size: int | None = None  # draws per epoch fixed by a budget (None: the strategy's own length)
+    selection: str = "final"  # the reported model: the last epoch's, never one chosen on the val fold
+    record: dict[str, Any] = field(default_factory=dict)  # detect_on_store: to_json() + store keys + budget
+
+    @property
+    def best_weights(self) -> Path:
+        """The reported weights (the final model), under the name the label teacher reads."""
+        return self.weights
 
     def to_rows(self, fold: int) -> list[dict[str, Any]]:
         """One row per class, plus one row with class 'all' holding the overall (mean) metrics."""
@@ -75,6 +91,10 @@ class DetectResult:
             "pr_curves": {c: [[r, p] for r, p in pts] for c, pts in self.pr_curves.items()},
             "val_instances": self.val_instances,
             "seconds": self.seconds,
+            "optimizer_steps": int(self.optimizer_steps),
+            "images_seen": int(self.images_seen),
+            "epoch_size": self.epoch_size,
+            "selection": self.selection,
         }
 
 
@@ -129,15 +149,34 @@ def train_overrides(data_yaml: Path, strategy: StrategySpec, detector: DetectorC
         "warmup_epochs": detector.warmup_epochs, "nbs": detector.nominal_batch,
         "val": detector.validate_every_epoch,
         "dropout": detector.dropout,  # note: ultralytics applies dropout in classification heads only
+        "conf": preds.CONF, "max_det": preds.MAX_DET,  # validation: what predictions.parquet keeps
         "pretrained": False, "amp": amp, "plots": False, "workers": workers, "seed": seed,
         "deterministic": True, "device": device, "project": str(out_dir), "name": "train", "exist_ok": True,
         "verbose": False, "cls_pw": 1.0 if strategy.class_weights else 0.0, **augment,
     }
 
 
+def budget_epoch_size(budget: BudgetConfig, n_real: int, detector: DetectorConfig) -> tuple[int, int]:
+    """(the trial's budget in `budget.unit`, draws per epoch) for a fold with `n_real` real training images.
+
+    Every strategy of a fold gets the same draws per epoch, so the same batches and optimizer steps
+    (ultralytics steps once per `accumulate = round(nominal_batch / batch)` batches).
+    """
+    if n_real <= 0:
+        raise UserError("the fold has no real training images to size the compute budget from.")
+    epochs, batch = detector.epochs, detector.batch
+    accumulate = max(round(detector.nominal_batch / batch), 1)
+    if budget.unit == "images_seen":
+        value = budget.value if budget.value is not None else n_real * epochs
+        return value, max(math.ceil(value / epochs), 1)
+    value = budget.value if budget.value is not None else math.ceil(epochs * math.ceil(n_real / batch) / accumulate)
+    return value, max(math.ceil(value * accumulate / epochs), 1) * batch
+
+
 def detect(data_yaml: Path, strategy: StrategySpec, detector: DetectorConfig, out_dir: Path, seed: int,
-           device: str = "cpu", workers: int = 0) -> DetectResult:
-    """Train one detector on data_yaml's train split with `strategy`; metrics of best.pt on its val split."""
+           device: str = "cpu", workers: int = 0, epoch_size: int | None = None) -> DetectResult:
+    """Train one detector on data_yaml's train split with `strategy` (`epoch_size` draws per epoch when
+    given); metrics and per-image predictions of the final model on its val split."""
     strategy = resolve_strategy(strategy)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,16 +186,34 @@ def detect(data_yaml: Path, strategy: StrategySpec, detector: DetectorConfig, ou
     overrides = train_overrides(Path(data_yaml), strategy, detector, model, out_dir, seed, device, workers)
     start = time.perf_counter()
     trainer = T2IDDetectionTrainer(overrides=overrides, sampling=strategy.sampling,
-                                   rfs_threshold=strategy.rfs_threshold, cas_epoch_size=strategy.cas_epoch_size)
+                                   rfs_threshold=strategy.rfs_threshold, cas_epoch_size=strategy.cas_epoch_size,
+                                   epoch_size=epoch_size)
     trainer.train()
     seconds = time.perf_counter() - start
-    if not trainer.best.exists():
-        raise RuntimeError(f"training finished without {trainer.best}")
-    return collect_result(trainer, strategy.name, seconds)
+    if not trainer.last.exists():
+        raise RuntimeError(f"training finished without {trainer.last}")
+    result = collect_result(trainer, strategy.name, seconds)
+    result.epoch_size = epoch_size
+    return result
+
+
+def prediction_rows(trainer: T2IDDetectionTrainer) -> list[dict[str, Any]]:
+    """predictions.parquet rows: every val image, its label-file boxes and the final model's detections."""
+    rows = []
+    for label in trainer.validator.dataloader.dataset.labels:
+        file = str(label["im_file"])
+        classes = np.asarray(label["cls"]).reshape(-1).astype(int)
+        boxes = np.asarray(label["bboxes"], dtype=np.float64).reshape(-1, 4)  # normalized xywh, as in the file
+        gt = [{"class_id": int(c), "x": float(b[0]), "y": float(b[1]), "w": float(b[2]), "h": float(b[3])}
+              for c, b in zip(classes, boxes, strict=True)]
+        rows.append({"image_id": Path(file).stem, "gt": gt,
+                     "pred": trainer.val_records.get(file, {}).get("pred", [])})
+    return rows
 
 
 def collect_result(trainer: T2IDDetectionTrainer, strategy: str, seconds: float) -> DetectResult:
-    """Per-class metrics and PR curves of the trainer's last validation (best.pt after final_eval)."""
+    """Metrics of the trainer's last validation (the final model, after final_eval): mAP50-95 / mAP50 from
+    its recorded per-image predictions (t2id.detect.coco_map), precision / recall and PR curves ultralytics'."""
     metrics = trainer.validator.metrics  # ultralytics DetMetrics
     names = [trainer.data["names"][i] for i in range(trainer.data["nc"])]
     nan = float("nan")
@@ -177,30 +234,48 @@ def collect_result(trainer: T2IDDetectionTrainer, strategy: str, seconds: float)
     overall = {"map50_95": float(map50_95), "map50": float(map50), "precision": float(mp), "recall": float(mr)}
     counts = metrics.nt_per_class if metrics.nt_per_class is not None else np.zeros(len(names), dtype=int)
     val_instances = {name: int(counts[i]) if i < len(counts) else 0 for i, name in enumerate(names)}
+    rows = prediction_rows(trainer)
+    coco = preds.coco_map(preds.table(rows), len(names))
+    overall.update(map50_95=coco.map50_95, map50=coco.map50)
+    for i, name in enumerate(names):
+        per_class[name].update(map50_95=coco.per_class[i][0], map50=coco.per_class[i][1])
     return DetectResult(strategy=strategy, names=names, per_class=per_class, overall=overall, pr_curves=pr_curves,
-                        best_weights=Path(trainer.best), seconds=seconds, val_instances=val_instances)
+                        weights=Path(trainer.last), seconds=seconds, val_instances=val_instances, predictions=rows,
+                        optimizer_steps=trainer.optimizer_steps, images_seen=trainer.images_seen)
 
 
 def detect_on_store(run_store, fold: int, strategy: StrategySpec | str, detector: DetectorConfig, cache_dir: Path,
-                    seed: int, synthetic=None, device: str = "cpu", workers: int = 0) -> DetectResult:
-    """Materialize `fold` from the run store, train, and write the best weights + metrics back.
+                    seed: int, synthetic=None, device: str = "cpu", workers: int = 0,
+                    budget: BudgetConfig | None = None) -> DetectResult:
+    """Materialize `fold` from the run store, train, and write the final weights, the per-image
+    predictions and the metrics back under the grid's trial folder of (fold, strategy, seed).
 
-    The keys are the grid's (`layout.grid.weights` / `trial_metrics` of (fold, strategy)). A strategy
+    `budget` (default: BudgetConfig(), equal images seen = the fold's real training images x epochs)
+    fixes the draws per epoch from the fold's REAL training images, whatever the strategy. A strategy
     with synthetic=True needs the run's labelled synthetic rows (`synthetic`, a pyarrow table); other
     strategies ignore them.
     """
     from t2id.data.materialize import materialize_fold
 
     strategy = resolve_strategy(strategy)
+    budget = BudgetConfig() if budget is None else budget
     if strategy.synthetic and synthetic is None:
         raise UserError(f"strategy {strategy.name!r} trains on synthetic images but none were given for fold "
                         f"{fold}: run the generate and label stages first ({layout.label.labels(fold)}).")
-    weights_key = layout.grid.weights(fold, strategy.name)
     cache_dir = Path(cache_dir)
     fold_data = materialize_fold(run_store, fold, cache_dir, synthetic=synthetic if strategy.synthetic else None)
-    work = cache_dir / "detect" / layout.grid.trial(fold, strategy.name).replace("/", "_")
-    result = detect(fold_data.data_yaml, strategy, detector, work, seed, device=device, workers=workers)
-    run_store.write_file(weights_key, result.best_weights)
-    payload = {"fold": int(fold), **result.to_json(), "best_weights": weights_key}
-    run_store.write_text(layout.grid.trial_metrics(fold, strategy.name), json.dumps(payload, indent=2))
+    n_real = len(fold_data.train_ids) - len(fold_data.synthetic_ids)
+    budget_value, epoch_size = budget_epoch_size(budget, n_real, detector)
+    work = cache_dir / "detect" / layout.grid.trial(fold, strategy.name, seed).replace("/", "_")
+    result = detect(fold_data.data_yaml, strategy, detector, work, seed, device=device, workers=workers,
+                    epoch_size=epoch_size)
+    weights_key = layout.grid.weights(fold, strategy.name, seed)
+    predictions_key = layout.grid.predictions(fold, strategy.name, seed)
+    run_store.write_file(weights_key, result.weights)
+    run_store.write_table(predictions_key, preds.table(result.predictions))
+    payload = {"fold": int(fold), "seed": int(seed), **result.to_json(), "weights": weights_key,
+               "predictions": predictions_key, "budget_unit": budget.unit, "budget": int(budget_value),
+               "n_real_train": n_real, "n_synthetic_train": len(fold_data.synthetic_ids)}
+    run_store.write_text(layout.grid.trial_metrics(fold, strategy.name, seed), json.dumps(payload, indent=2))
+    result.record = payload  # what the grid publishes for this trial
     return result

@@ -17,6 +17,7 @@ Extension by subclassing only (STYLE.md item 7), nothing in ultralytics is patch
 from __future__ import annotations
 
 import random
+from copy import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ import yaml
 from ultralytics.data.augment import Compose, CopyPaste, CutMix, MixUp, Mosaic
 from ultralytics.data.build import InfiniteDataLoader, seed_worker
 from ultralytics.data.dataset import YOLODataset
-from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import load_checkpoint
-from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, colorstr
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK, colorstr, ops
 from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zero_first, unwrap_model
 
-from t2id.detect.samplers import CASSampler, EpochSampler, RFSSampler
+from t2id.detect.samplers import CASSampler, EpochSampler, RFSSampler, UniformSampler
 from t2id.errors import UserError
 
 # ultralytics' own callbacks are no-ops in this module; every other ultralytics callback module is an
@@ -195,18 +196,53 @@ def load_data_yaml(data_yaml: str | Path) -> dict[str, Any]:
 # Trainer
 # ----------------------------------------------------------------------------------------------
 
+class RecordingValidator(DetectionValidator):
+    """DetectionValidator that, while `records` is a dict, keeps every validation image's ground truth and
+    predictions (the post-NMS detections the metrics see: conf >= args.conf, at most args.max_det)
+    in YOLO-normalized centre format of the original image, keyed by image file."""
+
+    records: dict[str, dict[str, list]] | None = None
+
+    def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
+        if self.records is not None:
+            for si, pred in enumerate(preds):
+                pbatch = self._prepare_batch(si, batch)
+                scaled = self.scale_preds({k: v.clone() for k, v in pred.items()}, pbatch)
+                h, w = (float(v) for v in pbatch["ori_shape"][:2])
+                boxes = ops.xyxy2xywh(scaled["bboxes"].float()).cpu().numpy() / np.array([w, h, w, h])
+                conf = scaled["conf"].float().cpu().numpy()
+                cls = scaled["cls"].cpu().numpy().astype(np.int64)
+                order = np.argsort(-conf, kind="stable")[: int(self.args.max_det)]
+                self.records[str(pbatch["im_file"])] = {
+                    "pred": [{"class_id": int(cls[i]), "x": float(boxes[i, 0]), "y": float(boxes[i, 1]),
+                              "w": float(boxes[i, 2]), "h": float(boxes[i, 3]), "conf": float(conf[i])}
+                             for i in order]}
+        super().update_metrics(preds, batch)
+
+
 class T2IDDetectionTrainer(DetectionTrainer):
-    """DetectionTrainer with t2id's train sampler; everything else is ultralytics' own."""
+    """DetectionTrainer with t2id's train sampler; everything else is ultralytics' own.
+
+    `epoch_size` (draws per epoch, from a compute budget) puts every strategy on a fixed-length sampler,
+    the unsampled ones on `UniformSampler`; None keeps ultralytics' shuffle for sampling "none" and
+    the samplers' default lengths. `optimizer_steps` and `images_seen` count what training did.
+    """
 
     def __init__(self, cfg: Any = DEFAULT_CFG, overrides: dict[str, Any] | None = None,
                  _callbacks: dict | None = None, *, sampling: str = "none", rfs_threshold: float = 0.5,
-                 cas_epoch_size: int | None = None) -> None:
+                 cas_epoch_size: int | None = None, epoch_size: int | None = None) -> None:
         if sampling not in {"none", "rfs", "cas"}:
             raise UserError(f"unknown sampling {sampling!r}: use none, rfs or cas.")
+        if epoch_size is not None and epoch_size <= 0:
+            raise UserError(f"epoch size must be > 0 draws, got {epoch_size}.")
         self.sampling = sampling
         self.rfs_threshold = rfs_threshold
         self.cas_epoch_size = cas_epoch_size
+        self.epoch_size = epoch_size
         self.train_sampler: EpochSampler | None = None
+        self.optimizer_steps = 0
+        self.images_seen = 0
+        self.val_records: dict[str, dict[str, list]] = {}
         super().__init__(cfg, overrides, _callbacks)
         if self.ddp:
             # ultralytics' DDP relaunches the trainer class from pickled overrides and loses `sampling`.
@@ -215,6 +251,10 @@ class T2IDDetectionTrainer(DetectionTrainer):
         for event, funcs in self.callbacks.items():  # also reaches the validator, which shares this dict
             self.callbacks[event] = [f for f in funcs if not is_integration_callback(f)]
         self.add_callback("on_train_epoch_start", _sync_sampler_epoch)
+
+    @property
+    def uses_sampler(self) -> bool:
+        return self.sampling != "none" or self.epoch_size is not None
 
     def run_callbacks(self, event: str) -> None:
         # BaseTrainer.__init__ runs on_pretrain_routine_start right after adding integrations: filter here too.
@@ -228,8 +268,20 @@ class T2IDDetectionTrainer(DetectionTrainer):
             data.update(names={0: "item"}, nc=1)
         return data
 
+    def get_validator(self) -> RecordingValidator:
+        return RecordingValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args),
+                                  _callbacks=self.callbacks)
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.images_seen += int(len(batch["img"]))  # counted, not assumed: every image a forward pass sees
+        return super().preprocess_batch(batch)
+
+    def optimizer_step(self) -> None:
+        self.optimizer_steps += 1
+        super().optimizer_step()
+
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        if mode != "train" or self.sampling == "none":
+        if mode != "train" or not self.uses_sampler:
             return super().build_dataset(img_path, mode, batch)
         stride = max(int(unwrap_model(self.model).stride.max()), 32)
         # The arguments ultralytics' build_yolo_dataset passes for a train split.
@@ -244,14 +296,16 @@ class T2IDDetectionTrainer(DetectionTrainer):
         image_classes = [np.asarray(label["cls"], dtype=np.int64).ravel() for label in dataset.labels]
         shard = {"num_replicas": max(self.world_size, 1), "rank": max(rank, 0)} if rank != -1 else \
             {"num_replicas": 1, "rank": 0}
+        if self.sampling == "none":
+            return UniformSampler(len(dataset), seed=self.args.seed, epoch_size=self.epoch_size, **shard)
         if self.sampling == "rfs":
             return RFSSampler(image_classes, self.rfs_threshold, seed=self.args.seed,
-                              num_classes=self.data["nc"], **shard)
-        return CASSampler(image_classes, seed=self.args.seed, epoch_size=self.cas_epoch_size,
-                          num_classes=self.data["nc"], **shard)
+                              num_classes=self.data["nc"], epoch_size=self.epoch_size, **shard)
+        size = self.epoch_size if self.epoch_size is not None else self.cas_epoch_size
+        return CASSampler(image_classes, seed=self.args.seed, epoch_size=size, num_classes=self.data["nc"], **shard)
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
-        if mode != "train" or self.sampling == "none":
+        if mode != "train" or not self.uses_sampler:
             return super().get_dataloader(dataset_path, batch_size, rank, mode)
         with torch_distributed_zero_first(rank):
             dataset = self.build_dataset(dataset_path, mode, batch_size)
@@ -275,20 +329,24 @@ class T2IDDetectionTrainer(DetectionTrainer):
         )
 
     def final_eval(self) -> None:
-        """Validate best.pt as ultralytics does, but through the in-training validator path (offline)."""
-        if RANK not in {-1, 0} or not self.best.exists():
+        """Validate the FINAL model (last.pt: the last epoch's EMA weights), never best.pt: best.pt is chosen
+        by fitness on the validation fold, and metrics reported on that same fold would be selected on it.
+        Runs through the in-training validator path (offline) and records every validation image's
+        predictions (`val_records`)."""
+        if RANK not in {-1, 0} or not self.last.exists():
             return
-        ckpt = strip_optimizer(self.last) if self.last.exists() else {}
-        strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
-        best_model, _ = load_checkpoint(self.best, device=self.device)
-        best_model.args = self.args  # the validation loss reads hyperparameters as attributes
-        LOGGER.info(f"\nValidating {self.best}...")
+        strip_optimizer(self.last)
+        final_model, _ = load_checkpoint(self.last, device=self.device)
+        final_model.args = self.args  # the validation loss reads hyperparameters as attributes
+        LOGGER.info(f"\nValidating {self.last} (final model)...")
         trained_ema = self.ema.ema
-        self.ema.ema = best_model.float()
+        self.ema.ema = final_model.float()
+        self.validator.records = self.val_records = {}
         try:
             self.metrics = self.validator(self)
         finally:
             self.ema.ema = trained_ema
+            self.validator.records = None
         self.metrics.pop("fitness", None)
 
 

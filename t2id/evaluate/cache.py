@@ -61,9 +61,11 @@ def weights_fingerprint(source: str, endpoint_url: str | None = None) -> str:
     return sha256_json(listing) if listing else "missing"
 
 
-def unit_weights(kind: str, inception: str, clip: str) -> dict[str, str]:
-    """The weight fingerprints a unit depends on: real images never see CLIP."""
-    return {"inception": inception} if kind == "real" else {"inception": inception, "clip": clip}
+def unit_weights(kind: str, inception: str, clip: str, imgsz: int | None = None) -> dict[str, str]:
+    """What a unit's features depend on besides its images: the weight fingerprints (real images
+    never see CLIP) and the detector input size the images are resized to first."""
+    out = {"inception": inception} if kind == "real" else {"inception": inception, "clip": clip}
+    return out if imgsz is None else {**out, "imgsz": str(imgsz)}
 
 
 def feature_memo(store: Store, fold: int, kind: str, weights: dict[str, str], images: list[tuple[str, str]],

@@ -38,7 +38,8 @@ class EvaluateConfig(Section):
     )
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size; capped at the smaller image set.")
     kid_subsets: int = Field(100, ge=1, description="Number of random KID subsets (mean and std over them).")
-    is_splits: int = Field(10, ge=1, description="Inception Score splits; capped at the number of images.")
+    is_splits: int = Field(10, ge=1, description="Inception Score splits (torch-fidelity: a fixed number; each (fold, class) needs at least "
+                                              "this many synthetic images, else evaluate fails saying so).")
     batch_size: int = Field(32, ge=1, description="Images per forward pass of the feature extractors.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where feature extraction runs: 'auto' uses a GPU when the Ray cluster has one."

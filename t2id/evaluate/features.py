@@ -13,6 +13,7 @@ the cache and then loads it from that file like any local or s3:// weights file.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -134,6 +135,21 @@ def load_inception(weights_path: Path, device: str = "cpu") -> nn.Module:
     else:
         model = RealInception(weights_path)
     return model.to(device).eval().requires_grad_(False)
+
+
+def detector_resize(image: Image.Image, imgsz: int) -> Image.Image:
+    """The image as the detector's loader sees it (ultralytics `load_image` while training): long side
+    -> imgsz, aspect kept, bilinear (cv2.INTER_LINEAR), sides ceil'ed and capped at imgsz. Real and
+    synthetic images of mixed sizes are compared at the size the detector trains on."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    r = imgsz / max(h, w)
+    if r == 1:
+        return Image.fromarray(rgb)
+    import cv2
+
+    size = (min(math.ceil(w * r), imgsz), min(math.ceil(h * r), imgsz))
+    return Image.fromarray(cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR))
 
 
 def image_to_uint8_chw(image: Image.Image) -> torch.Tensor:

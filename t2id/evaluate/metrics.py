@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-MIN_IS_SPLIT = 10  # images per Inception Score split at least (when there are that many)
 FID_EPS = 1e-6  # diagonal offset when sqrtm of a near-singular product is not finite (pytorch-fid)
 
 
@@ -131,7 +130,8 @@ def kid(feats_real: np.ndarray, feats_fake: np.ndarray, subsets: int = 100, subs
     else:
         values = np.array([_mmd2_unbiased(polynomial_kernel(x[i], x[i], degree), polynomial_kernel(y[j], y[j], degree),
                                           polynomial_kernel(x[i], y[j], degree)) for i, j in draws])
-    return KID(mean=float(values.mean()), std=float(values.std()), subset_size=size, subsets=subsets)
+    std = float(values.std(ddof=1)) if subsets > 1 else 0.0  # ddof=1: t2id's one std convention
+    return KID(mean=float(values.mean()), std=std, subset_size=size, subsets=subsets)
 
 
 @dataclass(frozen=True)
@@ -141,36 +141,39 @@ class InceptionScore:
     splits: int
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
 
 def inception_score(logits: np.ndarray, splits: int = 10, seed: int | None = 0) -> InceptionScore:
     """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), mean/std over splits.
 
-    `logits` are the classifier's unnormalized outputs (torch-fidelity's 'logits_unbiased' for the
-    FID InceptionV3). As in torchmetrics the rows are shuffled (seeded) before splitting. The number
-    of splits is capped so every split holds at least MIN_IS_SPLIT images: a split of one image
-    scores exactly 1 whatever the image, so tiny sets get fewer, larger splits (300 images and
-    10 splits, the paper's setting, are unaffected).
+    As torch-fidelity (`isc_featuresdict_to_metric`): `logits` are the classifier's unnormalized
+    outputs ('logits_unbiased' of the FID InceptionV3); rows are shuffled with
+    np.random.RandomState(seed) (seed None: no shuffle), split into exactly `splits` chunks with
+    bounds i*N//splits, softmax in float64. Fewer images than splits is an error, not a silent
+    change of the split count (torch-fidelity and this function give the same mean). The std over
+    splits is the unbiased one (ddof=1, the one std convention of t2id's tables; torch-fidelity
+    prints ddof=0, smaller by sqrt((splits-1)/splits)).
     """
     logits = _check_features("logits", logits, min_rows=1)
     n = logits.shape[0]
+    if splits < 1:
+        raise ValueError(f"inception_score needs splits >= 1, got {splits}")
+    if n < splits:
+        raise ValueError(f"inception_score: {n} image(s) for {splits} splits; IS needs at least one image "
+                         f"per split (lower evaluate.is_splits or generate more images)")
     if seed is not None:
-        logits = logits[np.random.default_rng(seed).permutation(n)]
-    splits = max(1, min(splits, n // MIN_IS_SPLIT))
-    probs = _softmax(logits)
-    log_probs = np.log(np.clip(probs, 1e-30, None))
+        logits = logits[np.random.RandomState(seed).permutation(n)]
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    probs = np.exp(log_probs)
     scores = []
-    for chunk, log_chunk in zip(np.array_split(probs, splits), np.array_split(log_probs, splits), strict=True):
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        chunk, log_chunk = probs[lo:hi], log_probs[lo:hi]
         marginal = chunk.mean(axis=0, keepdims=True)
-        kl = (chunk * (log_chunk - np.log(np.clip(marginal, 1e-30, None)))).sum(axis=1).mean()
+        kl = (chunk * (log_chunk - np.log(np.clip(marginal, 1e-300, None)))).sum(axis=1).mean()
         scores.append(math.exp(kl))
     scores_arr = np.array(scores)
-    # torchmetrics reports the unbiased std over splits; one split has no spread.
-    std = float(scores_arr.std(ddof=1)) if splits > 1 else 0.0
+    std = float(scores_arr.std(ddof=1)) if splits > 1 else 0.0  # one split has no spread
     return InceptionScore(mean=float(scores_arr.mean()), std=std, splits=splits)
 
 

@@ -25,12 +25,13 @@ class FeatureBatch:
     """
 
     def __init__(self, store: Store, evaluate: EvaluateConfig, cache_dir: str, device: str,
-                 endpoint_url: str | None = None) -> None:
+                 endpoint_url: str | None = None, imgsz: int | None = None) -> None:
         from t2id.evaluate.features import load_inception, resolve_inception
 
         self.store = store
         self.evaluate = EvaluateConfig.model_validate(evaluate.model_dump())  # re-validated on the worker
         self.device = device
+        self.imgsz = imgsz  # grid.detector.imgsz: images are resized to the detector's input first
         self.cache_dir, self.endpoint_url = cache_dir, endpoint_url
         self.inception = load_inception(resolve_inception(self.evaluate.inception_weights, Path(cache_dir),
                                                           endpoint_url), device)
@@ -47,14 +48,14 @@ class FeatureBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        from t2id.evaluate.features import extract_features
+        from t2id.evaluate.features import detector_resize, extract_features
 
         uris = [str(u) for u in batch["uri"]]
         prompts = [str(p) for p in batch["prompt"]]
         images = []
         for uri in uris:
             with Image.open(io.BytesIO(self.store.read_bytes(self.store.key_of(uri)))) as im:
-                images.append(im.convert("RGB"))
+                images.append(im.convert("RGB") if self.imgsz is None else detector_resize(im, self.imgsz))
         pool3, logits = extract_features(self.inception, images, self.evaluate.batch_size, self.device)
         clip = np.full(len(uris), np.nan)
         with_prompt = [i for i, flag in enumerate(batch["score_clip"]) if flag]
@@ -65,8 +66,8 @@ class FeatureBatch:
 
 
 def extract_with_ray(store: Store, evaluate: EvaluateConfig, items: list[dict[str, Any]], cache_dir: Path,
-                     endpoint_url: str | None = None, advance: Callable[[int], None] | None = None
-                     ) -> dict[str, dict[str, Any]]:
+                     endpoint_url: str | None = None, advance: Callable[[int], None] | None = None,
+                     imgsz: int | None = None) -> dict[str, dict[str, Any]]:
     """Run FeatureBatch over `items` ({uri, prompt, score_clip}) with Ray Data (Ray must be up);
     uri -> {pool3, logits, clip}. `advance(1)` is called per finished image."""
     if not items:
@@ -80,7 +81,7 @@ def extract_with_ray(store: Store, evaluate: EvaluateConfig, items: list[dict[st
     dataset = ray.data.from_items(items).map_batches(
         FeatureBatch,
         fn_constructor_kwargs=dict(store=store, evaluate=evaluate, cache_dir=str(cache_dir),
-                                   device="cuda" if gpus else "cpu", endpoint_url=endpoint_url),
+                                   device="cuda" if gpus else "cpu", endpoint_url=endpoint_url, imgsz=imgsz),
         batch_size=evaluate.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(actors, len(items))),
         num_gpus=gpus, num_cpus=1,

@@ -19,6 +19,9 @@ class EvaluateSettings(StageSettings):
     evaluate: EvaluateConfig
     base_model: str  # lora.base_model: only the model label of Table I
     run_seed: int  # run.seed: KID subsets and IS splits of fold k draw with seed run.seed + k
+    imgsz: int  # grid.detector.imgsz: real and synthetic images are resized to the detector's input first
+    label_method: str | None  # label.method when label in run.stages (the detector trains on label's kept,
+    #                           boxed rows: those are measured); None: generate's kept rows are
 
     @property
     def model_label(self) -> str:
@@ -27,6 +30,17 @@ class EvaluateSettings(StageSettings):
             return "tiny SDXL-LoRA (random stand-in)"
         return f"SDXL-LoRA ({self.base_model.rstrip('/').split('/')[-1]})"
 
+    @property
+    def synthetic_source(self) -> str:
+        """Which synthetic images are measured, as the table says it."""
+        if self.label_method is None:
+            return "generate: kept text-to-image samples"
+        what = "inpainted copies of real training images" if self.label_method == "inpaint" else \
+            "teacher-labelled text-to-image samples"
+        return f"label ({self.label_method}): kept, boxed rows the detector trains on ({what})"
+
 
 def settings(cfg: T2IDConfig) -> EvaluateSettings:
-    return EvaluateSettings(evaluate=cfg.evaluate, base_model=cfg.lora.base_model, run_seed=cfg.run.seed)
+    return EvaluateSettings(evaluate=cfg.evaluate, base_model=cfg.lora.base_model, run_seed=cfg.run.seed,
+                            imgsz=cfg.grid.detector.imgsz,
+                            label_method=cfg.label.method if "label" in cfg.run.stages else None)

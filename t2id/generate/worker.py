@@ -55,6 +55,13 @@ def png_bytes(pixels_hwc: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def pipeline_negative_prompt(negatives: list[str]) -> list[str] | None:
+    """The pipeline's `negative_prompt`: None when every one is empty. SDXL then uses zeroed
+    negative embeddings (its `force_zeros_for_empty_prompt` default), as diffusers does when no
+    negative prompt is given; encoding the empty string instead gives different images."""
+    return None if not any(n.strip() for n in negatives) else negatives
+
+
 class ImageGenerator:
     """Callable class for `Dataset.map_batches`: plan rows in, PNGs in the store, provenance out.
 
@@ -123,7 +130,7 @@ class ImageGenerator:
             generators = [torch.Generator(self.device).manual_seed(int(seeds[i])) for i in group]
             with torch.inference_mode():
                 out = self.pipe(prompt=[prompts[i] for i in group],
-                                negative_prompt=[negative_prompts[i] for i in group],
+                                negative_prompt=pipeline_negative_prompt([negative_prompts[i] for i in group]),
                                 num_inference_steps=self.steps, guidance_scale=self.guidance,
                                 width=self.width, height=self.height, generator=generators, output_type="np")
             for i, image in zip(group, out.images):

@@ -1,11 +1,11 @@
-"""Config section of the `grid` stage: fold x strategy detector trainings on Ray Tune."""
+"""Config section of the `grid` stage: fold x strategy x seed detector trainings on Ray Tune."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
 from t2id.configbase import Section
-from t2id.detect.config import PRESETS, DetectorConfig, StrategySpec
+from t2id.detect.config import PRESETS, BudgetConfig, DetectorConfig, StrategySpec
 
 PAPER_STRATEGIES = ["baseline", "mosaic_mixup", "rfs", "cas", "baseline_sdxl", "rfs_sdxl", "t2id_cas"]
 
@@ -35,7 +35,15 @@ class GridConfig(Section):
     max_retries: int = Field(
         1, ge=0, description="Retries of an errored trial per `t2id run` (Tune FailureConfig.max_failures)."
     )
-    seed: int | None = Field(None, ge=0, description="Detector training seed (default: run.seed).")
+    budget: BudgetConfig = Field(
+        BudgetConfig(),
+        description="Compute per trial, equal across strategies: every strategy's epoch draws the same number of "
+                    "images from its sampling distribution (default: the fold's real training images per epoch).",
+    )
+    seed: int | None = Field(None, ge=0, description="Detector training seed (default: run.seed) when `seeds` is unset.")
+    seeds: list[int] | None = Field(
+        None, description="Detector training seeds: one trial per fold x strategy x seed (default: [seed or run.seed]).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GridConfig:
@@ -56,6 +64,11 @@ class GridConfig(Section):
         if self.folds is not None:
             if not self.folds or len(set(self.folds)) != len(self.folds) or min(self.folds) < 0:
                 raise ValueError(f"grid.folds {self.folds}: list distinct fold indices >= 0, or omit it for all folds")
+        if self.seeds is not None:
+            if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+                raise ValueError(f"grid.seeds {self.seeds}: list distinct seeds >= 0, or omit it for one seed")
+            if self.seed is not None:
+                raise ValueError("grid.seed and grid.seeds are both set; keep one (grid.seeds: [a, b, ...])")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise ValueError(f"grid.gpus_per_trial {self.gpus_per_trial}: use a fraction <= 1 or a whole number")
         return self

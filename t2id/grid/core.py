@@ -1,9 +1,11 @@
 """The pure core of `grid`: which trials to train, the work of one trial, and the result tables.
 
-A trial is one (fold, strategy) detector training, described by a plain JSON dict (it is a point of
-Tune's search space): `name`, `fold`, `strategy`, `synthetic_key` (the fold's labelled synthetic
-rows, or None), `n_synthetic` and `identity` (everything its result depends on; t2id.resume keeps a
-finished trial's result while its identity holds). Strategies with synthetic images (baseline_sdxl,
+A trial is one (fold, strategy, seed) detector training, described by a plain JSON dict (it is a
+point of Tune's search space): `name`, `fold`, `strategy`, `seed`, `synthetic_key` (the fold's
+labelled synthetic rows, or None), `n_synthetic` and `identity` (everything its result depends on;
+t2id.resume keeps a finished trial's result while its identity holds). Every trial of a grid gets
+the same compute budget (grid.budget), and reports its FINAL model (`selection: final`), with
+mAP from its stored per-image predictions. Strategies with synthetic images (baseline_sdxl,
 rfs_sdxl, t2id_cas) train on the fold's kept, labelled rows of the label stage; a fold without them
 records its trials as skipped, with the reason, instead of dropping them.
 """
@@ -24,12 +26,15 @@ ALL = "all classes"
 METRICS = ("map50_95", "map50", "precision", "recall")
 
 TRIALS_SCHEMA = pa.schema([
-    ("fold", pa.int32()), ("strategy", pa.string()), ("class", pa.string()),
+    ("fold", pa.int32()), ("strategy", pa.string()), ("seed", pa.int64()), ("class", pa.string()),
     ("map50_95", pa.float64()), ("map50", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()),
-    ("train_seconds", pa.float64()), ("n_synthetic", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
+    ("train_seconds", pa.float64()), ("n_synthetic", pa.int32()),
+    ("budget_unit", pa.string()), ("budget", pa.int64()), ("optimizer_steps", pa.int64()),
+    ("images_seen", pa.int64()), ("selection", pa.string()), ("predictions", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()),
 ])
 PR_SCHEMA = pa.schema([
-    ("fold", pa.int32()), ("strategy", pa.string()), ("class", pa.string()),
+    ("fold", pa.int32()), ("strategy", pa.string()), ("seed", pa.int64()), ("class", pa.string()),
     ("recall", pa.float64()), ("precision", pa.float64()),
 ])
 
@@ -68,16 +73,20 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
         syn_key, n_syn, reason = synthetic_status(store, s, fold)
         for strategy in s.grid.strategies:
             spec = s.grid.strategy_spec(strategy)
-            if spec.synthetic and syn_key is None:
-                skipped.extend(skipped_rows(fold, strategy, classes, f"needs synthetic images: {reason}"))
-                continue
-            # A trial's published result is reused only while everything it was trained from is unchanged.
-            identity = {"fold": fold, "strategy": spec.model_dump(mode="json"),
-                        "detector": s.grid.detector.model_dump(mode="json"), "seed": s.seed, "inputs": inputs,
-                        "synthetic": store.sha256(syn_key) if spec.synthetic else None}
-            trials.append({"name": layout.grid.trial_name(fold, strategy), "fold": fold, "strategy": strategy,
-                           "synthetic_key": syn_key if spec.synthetic else None,
-                           "n_synthetic": n_syn if spec.synthetic else 0, "identity": identity})
+            for seed in s.seeds:
+                if spec.synthetic and syn_key is None:
+                    skipped.extend(skipped_rows(fold, strategy, seed, classes, f"needs synthetic images: {reason}",
+                                                s.grid.budget.unit))
+                    continue
+                # A trial's published result is reused only while everything it was trained from is unchanged.
+                identity = {"fold": fold, "strategy": spec.model_dump(mode="json"),
+                            "detector": s.grid.detector.model_dump(mode="json"), "seed": seed,
+                            "budget": s.grid.budget.model_dump(mode="json"), "selection": "final",
+                            "inputs": inputs, "synthetic": store.sha256(syn_key) if spec.synthetic else None}
+                trials.append({"name": layout.grid.trial_name(fold, strategy, seed), "fold": fold,
+                               "strategy": strategy, "seed": seed,
+                               "synthetic_key": syn_key if spec.synthetic else None,
+                               "n_synthetic": n_syn if spec.synthetic else 0, "identity": identity})
     return trials, skipped, folds, classes
 
 
@@ -85,7 +94,9 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
 
 def detect_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir: str) -> dict[str, Any]:
     """The grid's trial function: one detector training through the detect helper; plain JSON out
-    (per_class, overall with NaN as null, pr_curves, seconds, ...)."""
+    (per_class, overall with NaN as null, pr_curves, seconds, budget, optimizer_steps, images_seen,
+    selection, predictions key, ...). The first seed's final weights are also published per
+    (fold, strategy) (`layout.grid.weights(fold, strategy)`, what the label teacher may reuse)."""
     from t2id.detect.train import detect_on_store
     from t2id.devices import resolve_device, ultralytics_device
 
@@ -95,9 +106,11 @@ def detect_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir
     # Ray sets CUDA_VISIBLE_DEVICES per trial, so a trial given a GPU (or a share of one) sees it first.
     device = resolve_device("cuda" if s.grid.gpus_per_trial > 0 else "cpu", "grid.gpus_per_trial")
     result = detect_on_store(store, trial["fold"], s.grid.strategy_spec(trial["strategy"]), s.grid.detector,
-                             Path(cache_dir), s.seed, synthetic=synthetic, device=ultralytics_device(device),
-                             workers=s.grid.workers)
-    return result.to_json()
+                             Path(cache_dir), trial["seed"], synthetic=synthetic, device=ultralytics_device(device),
+                             workers=s.grid.workers, budget=s.grid.budget)
+    if trial["seed"] == s.seeds[0]:
+        store.write_file(layout.grid.weights(trial["fold"], trial["strategy"]), result.weights)
+    return result.record
 
 
 # 3. Tables --------------------------------------------------------------------------------------
@@ -106,38 +119,45 @@ def _num(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def trial_rows(fold: int, strategy: str, output: dict[str, Any], classes: list[str], n_synthetic: int) -> list[dict]:
+def trial_rows(trial: dict[str, Any], output: dict[str, Any], classes: list[str]) -> list[dict]:
     rows = []
     for name in [ALL, *classes]:
         metrics = output["overall"] if name == ALL else output["per_class"].get(name, {})
-        rows.append({"fold": fold, "strategy": strategy, "class": name,
+        rows.append({"fold": trial["fold"], "strategy": trial["strategy"], "seed": trial["seed"], "class": name,
                      **{m: _num(metrics.get(m)) for m in METRICS},
-                     "train_seconds": float(output.get("seconds", 0.0)), "n_synthetic": n_synthetic,
+                     "train_seconds": float(output.get("seconds", 0.0)), "n_synthetic": trial["n_synthetic"],
+                     "budget_unit": output.get("budget_unit"), "budget": output.get("budget"),
+                     "optimizer_steps": output.get("optimizer_steps"), "images_seen": output.get("images_seen"),
+                     "selection": output.get("selection"), "predictions": output.get("predictions"),
                      "status": "ok", "reason": ""})
     return rows
 
 
-def skipped_rows(fold: int, strategy: str, classes: list[str], reason: str) -> list[dict]:
-    return [{"fold": fold, "strategy": strategy, "class": name, **dict.fromkeys(METRICS),
-             "train_seconds": None, "n_synthetic": 0, "status": "skipped", "reason": reason}
+def skipped_rows(fold: int, strategy: str, seed: int, classes: list[str], reason: str,
+                 budget_unit: str | None = None) -> list[dict]:
+    return [{"fold": fold, "strategy": strategy, "seed": seed, "class": name, **dict.fromkeys(METRICS),
+             "train_seconds": None, "n_synthetic": 0, "budget_unit": budget_unit, "budget": None,
+             "optimizer_steps": None, "images_seen": None, "selection": None, "predictions": None,
+             "status": "skipped", "reason": reason}
             for name in [ALL, *classes]]
 
 
-def pr_rows(fold: int, strategy: str, output: dict[str, Any]) -> list[dict]:
-    return [{"fold": fold, "strategy": strategy, "class": name, "recall": float(r), "precision": float(p)}
+def pr_rows(trial: dict[str, Any], output: dict[str, Any]) -> list[dict]:
+    return [{"fold": trial["fold"], "strategy": trial["strategy"], "seed": trial["seed"], "class": name,
+             "recall": float(r), "precision": float(p)}
             for name, points in output.get("pr_curves", {}).items() for r, p in points]
 
 
 def tables(trials: list[dict[str, Any]], results: dict[str, dict[str, Any]], skipped: list[dict],
            strategies: list[str], classes: list[str]) -> tuple[pa.Table, pa.Table]:
-    """(trials table, PR curves table): one row per (fold, strategy, class), config order."""
+    """(trials table, PR curves table): one row per (fold, strategy, seed, class), config order."""
     rows, curves = [], []
     for trial in trials:
         output = results[trial["name"]]
-        rows.extend(trial_rows(trial["fold"], trial["strategy"], output, classes, trial["n_synthetic"]))
-        curves.extend(pr_rows(trial["fold"], trial["strategy"], output))
+        rows.extend(trial_rows(trial, output, classes))
+        curves.extend(pr_rows(trial, output))
     rows.extend(skipped)
     order = {s: i for i, s in enumerate(strategies)}
     cls_order = {c: i for i, c in enumerate([ALL, *classes])}
-    rows.sort(key=lambda r: (r["fold"], order[r["strategy"]], cls_order[r["class"]]))
+    rows.sort(key=lambda r: (r["fold"], order[r["strategy"]], r["seed"], cls_order[r["class"]]))
     return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA), pa.Table.from_pylist(curves, schema=PR_SCHEMA)

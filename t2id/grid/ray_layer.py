@@ -1,4 +1,4 @@
-"""The thin Ray Tune layer of the grid: one Tune trial per (fold, strategy), resumable from the store.
+"""The thin Ray Tune layer of the grid: one Tune trial per (fold, strategy, seed), resumable from the store.
 
 The trial's work is a plain function `trial_fn(trial, settings, store, cache_dir) -> dict` (the grid
 stage's default trains a detector, t2id.grid.core.detect_trial; tests inject small pure ones).
@@ -41,8 +41,8 @@ class TuneOutcome:
 
 def trial_memo(store: Store, trial: dict[str, Any], force: bool = False) -> Memo:
     """The memo of a trial: its identity, and the sha256 of its published result."""
-    return Memo(store, layout.memo(layout.grid.trial(trial["fold"], trial["strategy"])), trial["identity"],
-                ignore=force)
+    return Memo(store, layout.memo(layout.grid.trial(trial["fold"], trial["strategy"], trial["seed"])),
+                trial["identity"], ignore=force)
 
 
 def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSettings, store: Store,
@@ -57,7 +57,7 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
 
     trial = config["trial"]
     settings = GridSettings.model_validate(settings.model_dump())  # re-validated on the worker
-    key = layout.grid.result(trial["fold"], trial["strategy"])
+    key = layout.grid.result(trial["fold"], trial["strategy"], trial["seed"])
 
     def train() -> list[str]:
         output = trial_fn(trial, settings, store, cache_dir)
@@ -71,6 +71,7 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
         "t2id_trial": trial["name"],
         "fold": trial["fold"],
         "strategy": trial["strategy"],
+        "seed": trial["seed"],
         "result_key": key,
         "map50_95": float("nan") if map50_95 is None else float(map50_95),
         "train_seconds": float(output.get("seconds", 0.0)),
@@ -81,7 +82,7 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
                cache_dir: str, force: bool = False, verbose: int = 1) -> TuneOutcome:
     """Run every trial without a valid memo on Ray Tune (Ray must be initialized); collect all results.
 
-    Each trial dict needs `name` (unique, folder-safe), `fold`, `strategy` and `identity`; everything
+    Each trial dict needs `name` (unique, folder-safe), `fold`, `strategy`, `seed` and `identity`; everything
     else is passed through to `trial_fn`. `force` trains every trial again.
     """
     from ray import tune
@@ -127,7 +128,8 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
     for trial in trials:
         name = trial["name"]
         if trial_memo(store, trial).done():
-            outcome.results[name] = json.loads(store.read_text(layout.grid.result(trial["fold"], trial["strategy"])))
+            key = layout.grid.result(trial["fold"], trial["strategy"], trial["seed"])
+            outcome.results[name] = json.loads(store.read_text(key))
             outcome.errors.pop(name, None)
         elif name not in outcome.errors:
             outcome.errors[name] = "the trial ended without publishing a result"

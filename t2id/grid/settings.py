@@ -19,21 +19,25 @@ if TYPE_CHECKING:
 
 class GridSettings(StageSettings):
     grid: GridConfig
-    run_seed: int | None  # run.seed, only when grid.seed is unset (the detector training seed)
+    run_seed: int | None  # run.seed, only when grid.seed and grid.seeds are unset (the detector training seed)
     use_synthetic: bool  # label in run.stages: the *_sdxl strategies train on label/fold=<k>/labels.parquet
 
     @model_validator(mode="after")
     def _one_seed(self) -> GridSettings:
-        if (self.grid.seed is None) == (self.run_seed is None):
-            raise ValueError("exactly one of grid.seed and run_seed decides the training seed")
+        own = self.grid.seed is not None or self.grid.seeds is not None
+        if own == (self.run_seed is not None):
+            raise ValueError("exactly one of grid.seeds, grid.seed and run_seed decides the training seeds")
         return self
 
     @property
-    def seed(self) -> int:
-        """The detector training seed of every trial."""
-        return self.grid.seed if self.grid.seed is not None else self.run_seed  # type: ignore[return-value]
+    def seeds(self) -> list[int]:
+        """The detector training seeds: one trial per fold x strategy x seed."""
+        if self.grid.seeds is not None:
+            return list(self.grid.seeds)
+        return [self.grid.seed if self.grid.seed is not None else self.run_seed]  # type: ignore[list-item]
 
 
 def settings(cfg: T2IDConfig) -> GridSettings:
-    return GridSettings(grid=cfg.grid, run_seed=cfg.run.seed if cfg.grid.seed is None else None,
+    own = cfg.grid.seed is not None or cfg.grid.seeds is not None
+    return GridSettings(grid=cfg.grid, run_seed=None if own else cfg.run.seed,
                         use_synthetic="label" in cfg.run.stages)

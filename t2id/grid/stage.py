@@ -1,10 +1,12 @@
-"""Stage `grid`: train the detector for every (fold, strategy) on Ray Tune; publish per-class metrics.
+"""Stage `grid`: train the detector for every (fold, strategy, seed) on Ray Tune; publish per-class metrics.
 
 Outputs (run-relative keys, t2id.layout.grid):
-  trials.parquet     one row per (fold, strategy, class), "all classes" first: mAP50-95, mAP50,
-                     precision, recall, training seconds, status ("ok" / "skipped") and reason;
-  pr_curves.parquet  the validation PR curve of each (fold, strategy, class) as points;
-  fold=<k>/strategy=<s>/  each trial's result, weights and memo (what a resumed grid reuses);
+  trials.parquet     one row per (fold, strategy, seed, class), "all classes" first: mAP50-95, mAP50
+                     (COCO, from the trial's predictions.parquet), precision, recall, training seconds,
+                     n_synthetic, budget_unit / budget / optimizer_steps / images_seen (counted),
+                     selection ("final"), predictions (store key), status ("ok" / "skipped") and reason;
+  pr_curves.parquet  the validation PR curve of each (fold, strategy, seed, class) as points;
+  fold=<k>/strategy=<s>/seed=<n>/  each trial's result, predictions, final weights and memo;
   tune/              Ray Tune's experiment.
 """
 
@@ -48,8 +50,8 @@ def run_grid(ctx: StageContext, s: GridSettings, trial_fn: TrialFn) -> StageResu
         layout.grid.pr_curves: ctx.store.write_table(layout.grid.pr_curves, curves_table),
     }
     return StageResult(outputs=outputs, summary={
-        "trials": len(trials), "reused": reused, "skipped": len({(r["fold"], r["strategy"]) for r in skipped}),
-        "folds": folds, "strategies": list(s.grid.strategies), "seconds": round(time.perf_counter() - t0, 1),
+        "trials": len(trials), "reused": reused, "skipped": len({(r["fold"], r["strategy"], r["seed"]) for r in skipped}),
+        "folds": folds, "strategies": list(s.grid.strategies), "seeds": s.seeds, "seconds": round(time.perf_counter() - t0, 1),
         "resumed": reused > 0,  # finished trials of an earlier, interrupted or invalidated run were kept
     })
 

@@ -111,7 +111,8 @@ class InpaintGenerator(ImageGenerator):
             mask = mask_array(rects, self.width, self.height)
             generator = torch.Generator(self.device).manual_seed(int(seed))
             with torch.inference_mode():
-                out = self.inpaint(prompt=prompt, negative_prompt=negative, image=Image.fromarray(source),
+                out = self.inpaint(prompt=prompt, negative_prompt=negative if negative.strip() else None,
+                                   image=Image.fromarray(source),
                                    mask_image=Image.fromarray(mask), strength=self.strength,
                                    num_inference_steps=self.steps, guidance_scale=self.guidance,
                                    width=self.width, height=self.height, generator=generator, output_type="np")

@@ -34,6 +34,16 @@ class LabelSettings(StageSettings):
     use_adapter: bool  # lora in run.stages: generate's images came from lora/fold=<k>/ (memorization reference)
     teacher_detector: DetectorConfig | None = None  # label.teacher.detector, else grid.detector; teacher only
     inpainting: GenerateSettings | None = None  # generate's settings with label.inpaint overrides; inpaint only
+    images_per_class: int | None = None  # generate.images_per_class: the target per fold and class; teacher only
+    #                                      (inpaint: inpainting.generate.images_per_class)
+
+    @property
+    def target_per_class(self) -> int:
+        """How many usable synthetic images per fold and class were asked for (the shortfall's reference)."""
+        if self.inpainting is not None:
+            return self.inpainting.generate.images_per_class
+        assert self.images_per_class is not None
+        return self.images_per_class
 
 
 def inpainting_settings(cfg: T2IDConfig, seed: int) -> GenerateSettings:
@@ -59,4 +69,5 @@ def settings(cfg: T2IDConfig) -> LabelSettings:
     teacher = lab.method == "teacher"
     return LabelSettings(label=lab, seed=seed, use_adapter="lora" in cfg.run.stages,
                          teacher_detector=(lab.teacher.detector or cfg.grid.detector) if teacher else None,
-                         inpainting=None if teacher else inpainting_settings(cfg, seed))
+                         inpainting=None if teacher else inpainting_settings(cfg, seed),
+                         images_per_class=cfg.generate.images_per_class if teacher else None)

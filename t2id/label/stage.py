@@ -9,7 +9,9 @@ Per fold k (label.folds, default every fold; keys from t2id.layout.label):
   2. Memorization: each row's similarity to the nearest image its generator trained on (the lora
      stage's train_ids.json when lora runs; else the fold's real TRAIN images), flag and optionally
      reject.
-  3. labels.parquet: LABELS_SCHEMA rows, rejected ones included with their reason.
+  3. labels.parquet: LABELS_SCHEMA rows, rejected ones included with their reason; its schema metadata
+     (CLASS_COUNTS_KEY) and the summary hold per-class counts: target, rejected by gate / by
+     memorization, used, shortfall (no top-up follows label's rejections).
 Then the memorization histogram over all folds. The grid trains *_sdxl strategies on the kept rows
 with boxes; t2id.data.materialize_fold reads them as they are.
 """
@@ -38,6 +40,26 @@ LABELS_SCHEMA = pa.schema(list(SYNTHETIC_SCHEMA) + [
     pa.field("source_image_id", pa.string()),  # inpaint: the real image that was inpainted
     pa.field("mask_rects", pa.string()),  # inpaint: JSON list of normalized [x0, y0, x1, y1] masks
 ])
+
+
+CLASS_COUNTS_KEY = b"class_counts"  # labels.parquet schema metadata: JSON list of class_counts() rows
+
+
+def class_counts(rows: list[dict], names: list[str], target: int) -> list[dict]:
+    """Per class of a fold: what was asked for, made, rejected (by the quality/teacher gate, by the
+    memorization check) and used (kept with boxes: what the detector trains on); shortfall =
+    target - used. No top-up follows label's rejections, so the report shows this instead."""
+    out = []
+    for class_id in sorted({int(r["class_id"]) for r in rows}):
+        mine = [r for r in rows if r["class_id"] == class_id]
+        memorized = sum(1 for r in mine if not r["kept"] and (r["reject_reason"] or "").startswith("memorized"))
+        rejected = sum(1 for r in mine if not r["kept"])
+        used = sum(1 for r in mine if r["kept"] and r["boxes"])
+        out.append({"class_id": class_id, "class": names[class_id] if 0 <= class_id < len(names) else str(class_id),
+                    "target": target, "rows": len(mine), "rejected_gate": rejected - memorized,
+                    "rejected_memorization": memorized, "kept_without_boxes": sum(1 for r in mine if r["kept"])
+                    - used, "used": used, "shortfall": max(0, target - used)})
+    return out
 
 
 def label_folds(store: Store, s: LabelSettings) -> list[int]:
@@ -114,6 +136,7 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
 
     lab, store = s.label, ctx.store
     folds = label_folds(store, s)
+    names = load_classes(store)
     labelled = teacher_labels(ctx, s, folds) if lab.method == "teacher" else inpaint_labels(ctx, s, folds)
     outputs: dict[str, str] = {}
     summary: dict[str, dict] = {}
@@ -123,7 +146,9 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
         rows, facts = labelled[fold]
         training, reference = generator_training_rows(store, fold, s.use_adapter)
         rows = score_rows(store, rows, training, mem.feature, mem.size, mem.threshold, mem.reject)
+        counts = class_counts(rows, names, s.target_per_class)
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)
         outputs[key] = store.write_table(key, table)
         scores += [r["nn_similarity"] for r in rows if r["nn_similarity"] is not None]
@@ -135,7 +160,9 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
                 reasons[reason] = reasons.get(reason, 0) + 1
         summary[str(fold)] = {"rows": len(rows), "usable": usable, "rejected": reasons,
                               "memorized": sum(bool(r["memorized"]) for r in rows),
-                              "memorization_reference": reference, **facts}
+                              "memorization_reference": reference,
+                              "classes": {c["class"]: {k: v for k, v in c.items() if k not in ("class", "class_id")}
+                                          for c in counts}, **facts}
         ctx.events.info(f"label fold {fold} ({lab.method}): {usable}/{len(rows)} images kept with boxes; "
                         f"rejected {reasons or 'none'}")
     key = layout.label.memorization_hist

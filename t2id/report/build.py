@@ -1,9 +1,12 @@
 """The report's content: text, tables and figures from the run's store and the report settings.
 
-Reads grid/trials.parquet and grid/pr_curves.parquet (required) and, when present, the data stage's
-class counts, the split, the LoRA train ids, generate's images/contact sheets, label's memorization
-similarities and evaluate's image metrics (every key from t2id.layout). Rendering and writing are
-the stage's (t2id.report.html, t2id.report.stage).
+Reads grid/trials.parquet (required), grid/pr_curves.parquet and each trial's predictions.parquet
+(its store key in the trials' `predictions` column) and, when present, the data stage's class
+counts, the split, the LoRA train ids, generate's images/contact sheets, label's labels.parquet
+(kept, reject_reason, memorization similarities) and evaluate's image metrics (every other key from
+t2id.layout). Older trials tables (no seed, budget or predictions columns) still give a report:
+one seed per fold, budgets "not recorded", p-values from the trials alone and no image-level
+interval. Rendering and writing are the stage's (t2id.report.html, t2id.report.stage).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from t2id import layout
-from t2id.report import figures, tables
+from t2id.report import figures, image_bootstrap, tables
 from t2id.report.html import Block, Figure, Heading, Para, Table
 from t2id.report.settings import ReportSettings
 from t2id.store import Store
@@ -79,12 +82,18 @@ def fold_statement(store: Store) -> tuple[list[str], pd.DataFrame | None]:
     if folds is None:
         return ["The split stage's folds are not available."], None
     per_fold = folds.groupby("fold").agg(images=("image_id", "count"), subjects=("group", "nunique")).reset_index()
-    groups_in_many = int((folds.groupby("group")["fold"].nunique() > 1).sum())
+    if store.exists(layout.data.manifest):
+        from t2id.split.leakcheck import leak_check
+
+        check = leak_check(store).describe()  # the data manifest's subjects against the folds, not folds' own copy
+    else:
+        groups_in_many = int((folds.groupby("group")["fold"].nunique() > 1).sum())
+        check = (f"subjects in more than one fold: {groups_in_many}, from the split's own group column only "
+                 "(no data manifest to check it against)")
     text = [
         f"Cross-validation: {per_fold.shape[0]} folds grouped by subject: every image of a subject is in "
-        f"the same fold ({folds['group'].nunique()} subjects, {len(folds)} images; subjects found in more "
-        f"than one fold: {groups_in_many}). Each fold is validated on its own images after training on the "
-        "other folds; mean ± std in the tables are over folds (sample std)."
+        f"the same fold ({folds['group'].nunique()} subjects, {len(folds)} images; {check}). Each fold is "
+        "validated on its own images after training on the other folds."
     ]
     checked, overlaps = [], 0
     for fold in sorted(per_fold["fold"]):
@@ -137,56 +146,204 @@ def sample_rows(store: Store, classes: list[str], rare: list[str], per_class: in
 
 # 4. The report ----------------------------------------------------------------------------------
 
+# 3b. Synthetic images: label method, gate rejections, images used ------------------------------
+
+def _reject_kind(reason: object) -> str:
+    from t2id.label.teacher import REJECT_NOT_FOUND
+
+    text = "" if reason is None or (isinstance(reason, float) and pd.isna(reason)) else str(reason)
+    if text.startswith("memorized"):
+        return "memorization"
+    if text.startswith(REJECT_NOT_FOUND):
+        return "teacher"
+    return "quality"
+
+
+def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
+    """Per fold x class from label/fold=<k>/labels.parquet: generated, rejections by gate, images used.
+
+    teacher_rejection_rate = teacher-gate rejections / images that reached the teacher (not rejected
+    by generate's quality gate before); used = kept with at least one box (what *_sdxl trials train on).
+    """
+    rows = []
+    for fold in _folds(store):
+        labels = _read(store, layout.label.labels(fold))
+        if labels is None or labels.empty or "class_id" not in labels:
+            continue
+        labels = labels.assign(kind=[_reject_kind(r) if not k else "" for r, k in
+                                     zip(labels.get("reject_reason", pd.Series([None] * len(labels))),
+                                         labels["kept"].fillna(False))])
+        for cid, part in labels.groupby("class_id"):
+            quality = int((part["kind"] == "quality").sum())
+            teacher = int((part["kind"] == "teacher").sum())
+            reached = len(part) - quality
+            boxes = part["boxes"] if "boxes" in part else pd.Series([[1]] * len(part), index=part.index)
+            used = int((part["kept"].fillna(False) & boxes.map(lambda b: b is not None and len(b) > 0)).sum())
+            rows.append({
+                "fold": int(fold), "class": classes[int(cid)] if 0 <= int(cid) < len(classes) else str(cid),
+                "generated": len(part), "quality_rejected": quality, "teacher_rejected": teacher,
+                "teacher_rejection_rate": round(teacher / reached, 3) if reached else float("nan"),
+                "memorization_rejected": int((part["kind"] == "memorization").sum()),
+                "memorization_flagged": int(part["memorized"].fillna(False).sum()) if "memorized" in part else 0,
+                "used": used,
+                "label_source": ", ".join(str(v) for v in dict.fromkeys(part.get("label_source", pd.Series()).dropna()))
+                                or "not recorded",
+            })
+    return pd.DataFrame(rows) if rows else None
+
+
+def networks_note(metrics: pd.DataFrame | None, raw) -> str:
+    """Which networks computed the image metrics: evaluate's `networks` column or schema note, else unknown."""
+    notes: list[str] = []
+    if metrics is not None and "networks" in metrics:
+        notes = [str(v) for v in dict.fromkeys(metrics["networks"].dropna())]
+    elif raw is not None and raw.schema.metadata and b"networks" in raw.schema.metadata:
+        notes = [raw.schema.metadata[b"networks"].decode()]
+    if notes:
+        return "Image metrics (FID/KID/IS/CLIP score) were computed with: " + "; ".join(notes) + "."
+    return ("Image metrics (FID/KID/IS/CLIP score): which networks computed them (real weights or random stand-ins) "
+            "is not recorded by the evaluate stage: unknown; do not compare them with published values.")
+
+
+# 3c. Per-image predictions for the image-level bootstrap -----------------------------------------
+
+def trial_predictions(store: Store, trials: pd.DataFrame, n_classes: int,
+                      ) -> tuple[dict[image_bootstrap.Key, image_bootstrap.TrialMatches], str | None]:
+    """Every trained trial's predictions, matched; or ({}, why the image-level bootstrap is unavailable)."""
+    rows = tables.with_seeds(trials[trials["class"] == ALL])
+    if "status" in rows:
+        rows = rows[rows["status"].fillna("ok") == "ok"]
+    if "predictions" not in rows:
+        return {}, "trials.parquet has no `predictions` column (a grid from before per-image predictions were stored)"
+    out = {}
+    for r in rows.itertuples():
+        key = r.predictions
+        if not isinstance(key, str) or not key or not store.exists(key):
+            return {}, f"the predictions of trial fold={r.fold} strategy={r.strategy} seed={r.seed} are missing"
+        frame = store.read_table(key).to_pandas()
+        out[(int(r.fold), str(r.strategy), int(r.seed))] = image_bootstrap.TrialMatches(frame, n_classes)
+    return (out, None) if out else ({}, "no trained trial has predictions")
+
+
+def comparison(store: Store, s: ReportSettings, trials: pd.DataFrame, strategies: list[str],
+               classes: list[str]) -> tuple[pd.DataFrame, str | None]:
+    """Sign-flip p-values (always) joined with the image-level bootstrap interval (when possible)."""
+    cfg = s.report
+    tests = tables.sign_flip(trials, cfg.baseline, cfg.metric, cfg.alpha, strategies, classes, s.seed)
+    if cfg.metric not in image_bootstrap.METRICS:
+        return tests, f"the image-level bootstrap recomputes mAP only, not {cfg.metric}"
+    matches, why = trial_predictions(store, trials, len(classes))
+    if why is not None:
+        return tests, why
+    try:
+        boot = image_bootstrap.bootstrap(matches, cfg.baseline, strategies, classes, cfg.metric,
+                                         cfg.bootstrap_samples, cfg.confidence, s.seed)
+    except ValueError as exc:  # e.g. two strategies scored on different images: no pairs to keep
+        return tests, str(exc)
+    return tests.merge(boot, on=["strategy", "class"], how="left"), None
+
+
+# 4. The report ----------------------------------------------------------------------------------
+
+def _seeds_text(seeds: list[int]) -> str:
+    if seeds == [tables.NO_SEED]:
+        return "one seed per trial, not recorded in trials.parquet (a grid from before seeds were a grid axis)"
+    return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} per fold and strategy ({', '.join(map(str, seeds))})"
+
+
 def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str, pd.DataFrame]]:
     """The report's blocks (text, tables, figures) and the CSV tables, from the run's store."""
     cfg = s.report
-    trials = store.read_table(layout.grid.trials).to_pandas()
+    trials = tables.with_seeds(store.read_table(layout.grid.trials).to_pandas())
     curves = _read(store, layout.grid.pr_curves)
     classes = class_names(store, trials)
     strategies = [name for name in s.strategies if name in set(trials["strategy"])]
     strategies += [name for name in dict.fromkeys(trials["strategy"]) if name not in strategies]
     metric, label = cfg.metric, METRIC_LABELS[cfg.metric]
+    folds, seeds = tables.design(trials)
 
     table = tables.table_ii(trials, metric, strategies, classes)
     stats = tables.summary_stats(trials, metric, strategies, classes)
+    n_text = tables.n_statement(stats)
     csvs: dict[str, pd.DataFrame] = {"table_ii.csv": table.reset_index(), "table_ii_stats.csv": stats}
     blocks: list[Block] = []
     if s.description:
         blocks.append(Para(s.description))
     detector = s.detector
     blocks += [Para(f"Run `{s.run_id}`, store `{store.root}`. Detector `{detector.model}` at "
-                    f"{detector.imgsz} px, {detector.epochs} epoch{'s' if detector.epochs != 1 else ''}, "
-                    f"batch {detector.batch}; strategies: {', '.join(strategies)}.")]
+                    f"{detector.imgsz} px, batch {detector.batch} (grid.detector.epochs = {detector.epochs}; the "
+                    f"compute each trial used is in the budget table); strategies: {', '.join(strategies)}. "
+                    f"Trials: {len(folds)} fold{'s' if len(folds) != 1 else ''} × {_seeds_text(seeds)}.")]
+
     blocks.append(Heading("Method"))
     fold_text, per_fold = fold_statement(store)
     blocks += [Para(t) for t in fold_text]
-    label_keys = [k for k in (layout.label.labels(fold) for fold in _folds(store)) if store.exists(k)]
-    if s.label_method is not None and label_keys:
+    blocks.append(Para(
+        f"Networks: every detection number comes from a `{detector.model}` detector trained in that trial "
+        f"(fold, strategy, seed). " + networks_note(_read(store, layout.evaluate.metrics),
+                                                    store.read_table(layout.evaluate.metrics)
+                                                    if store.exists(layout.evaluate.metrics) else None)))
+    counts_table = label_counts(store, classes)
+    if s.label_method is not None and counts_table is not None:
         blocks.append(Para(f"Boxes of the synthetic images: {LABEL_METHODS[s.label_method]}."))
+    elif counts_table is not None:
+        blocks.append(Para("Boxes of the synthetic images: label method not in this run's settings; "
+                           f"labels.parquet records: {', '.join(sorted(set(counts_table['label_source'])))}."))
+    if counts_table is not None:
+        csvs["synthetic_images.csv"] = counts_table
+        rate = counts_table["teacher_rejected"].sum() / max(1, (counts_table["generated"]
+                                                                - counts_table["quality_rejected"]).sum())
+        blocks.append(Para(
+            "Synthetic images per fold and class (label stage): generated, rejected by generate's quality gate, "
+            f"by the teacher gate (overall rejection rate {rate:.1%} of the images that reached it; per class "
+            "below) and by the memorization check, and the images actually used for training (kept with boxes). "
+            f"In total {int(counts_table['used'].sum())} of {int(counts_table['generated'].sum())} generated images "
+            f"were used; {int(counts_table['memorization_rejected'].sum())} were rejected as memorized."))
+        blocks.append(Table("Synthetic images per fold and class: rejections and images used",
+                            counts_table.set_index("fold"), "synthetic_images.csv"))
+    used = tables.synthetic_per_trial(trials, strategies)
+    if not used.empty:
+        csvs["synthetic_per_trial.csv"] = used.reset_index()
+        blocks.append(Table("Synthetic images in each trial's training set (grid n_synthetic, per fold and "
+                            "strategy; the maximum over seeds)", used, "synthetic_per_trial.csv"))
     if per_fold is not None:
         blocks.append(Table("Images and subjects per fold", per_fold.set_index("fold"), "folds.csv"))
         csvs["folds.csv"] = per_fold
+    budget = tables.budgets(trials, strategies)
+    if not budget.empty:
+        csvs["budgets.csv"] = budget
+        blocks.append(Para(
+            "Compute budget: each trial trains for its budget (budget_unit: optimizer steps or images seen) and "
+            "reports the optimizer steps and images it actually used; equal budgets across strategies make their "
+            "differences a comparison of data, not of training length. selection = which checkpoint was scored "
+            "(final: the last epoch's model, never chosen on the reported fold). Ranges are over folds and seeds."))
+        blocks.append(Table("Budget and compute per strategy", budget.set_index("strategy"), "budgets.csv"))
 
     blocks.append(Heading(f"Detection results ({label}, Table II layout)"))
-    blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds",
-                        tables.paper_headers(table), "table_ii.csv"))
+    blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds and seeds (sample std, ddof=1); "
+                        f"{n_text}", tables.paper_headers(table), "table_ii.csv"))
     trained = tables.ok_rows(trials, metric)
     if not trained.empty and float(trained[metric].max()) == 0.0:
         blocks.append(Para(f"Every {label} is 0: no detector found any object on its validation fold. The "
                            f"training schedule is too short to learn (grid.detector.epochs = {detector.epochs}); "
                            "raise it for informative numbers."))
     if cfg.baseline in strategies and len(strategies) > 1:
-        ci = tables.paired_bootstrap(trials, cfg.baseline, metric, cfg.bootstrap_samples, cfg.confidence, s.seed,
-                                     strategies, classes)
-        csvs["bootstrap_ci.csv"] = ci
+        tests, unavailable = comparison(store, s, trials, strategies, classes)
+        csvs["significance.csv"] = tests
+        k = int(tests.loc[tests["n_pairs"] > 0, "n_folds"].max()) if (tests["n_pairs"] > 0).any() else 0
+        interval = (f"[low, high] is the {cfg.confidence:.0%} image-level paired bootstrap interval of the "
+                    f"difference ({cfg.bootstrap_samples} resamples of each fold's validation images, the same "
+                    "images for both strategies and every seed; percentile interval). It reflects evaluation "
+                    "noise only (which validation images were drawn), not training noise, and never sets the mark."
+                    if unavailable is None else f"The image-level bootstrap interval is unavailable: {unavailable}.")
         blocks.append(Para(
-            f"Difference to `{cfg.baseline}` in percentage points: mean paired difference over folds and its "
-            f"{cfg.confidence:.0%} paired bootstrap interval ({cfg.bootstrap_samples} resamples of the folds, "
-            "pairs kept together; percentile interval). * marks intervals excluding 0. With few folds the "
-            "interval is coarse: it can only take values spanned by the fold differences."))
-        blocks.append(Table(f"Δ {label} vs {cfg.baseline} (pp) [{cfg.confidence:.0%} CI]",
-                            tables.paper_headers(tables.bootstrap_table(ci, strategies, classes)),
-                            "bootstrap_ci.csv"))
+            f"Difference to `{cfg.baseline}` in percentage points: mean of the paired (fold, seed) differences. "
+            "p is the two-sided p-value of an exact sign-flip permutation test over those differences, the seeds "
+            f"of a fold flipping together (clusters = folds, so its n is the number of folds); * marks p <= alpha "
+            f"= {cfg.alpha:g} (report.alpha), and only those. {tables.min_p_statement(k, cfg.alpha)} " + interval))
+        blocks.append(Table(f"Δ {label} vs {cfg.baseline} (pp) [image-level CI] p (sign-flip test); {n_text}",
+                            tables.paper_headers(tables.comparison_table(tests, strategies, classes)),
+                            "significance.csv"))
     else:
         blocks.append(Para(f"No paired comparison: strategy `{cfg.baseline}` is not in the grid."))
     timing = tables.training_time(trials, strategies)
@@ -219,11 +376,12 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
             blocks.append(Figure("Fig. 3: real vs synthetic images of the rare classes", "samples.png",
                                  figures.sample_sheet(rows)))
     if curves is not None and not curves.empty and rare:
-        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds)",
+        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds and seeds)",
                              "pr_curves.png", figures.pr_curves(curves, rare, strategies)))
-    blocks.append(Figure(f"{label} per class and strategy", "per_class.png",
-                         figures.per_class_bars(stats, strategies, [ALL, *classes], label)))
+    blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text})",
+                         "per_class.png", figures.per_class_bars(stats, strategies, [ALL, *classes], label)))
 
+    label_keys = [k for k in (layout.label.labels(fold) for fold in _folds(store)) if store.exists(k)]
     similarity = [store.read_table(k).to_pandas() for k in label_keys]
     similarity = [t["nn_similarity"] for t in similarity if "nn_similarity" in t]
     if similarity:

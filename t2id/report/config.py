@@ -15,8 +15,15 @@ class ReportConfig(Section):
         "map50_95", description="Metric of the Table II layout (paper: mAP50-95)."
     )
     baseline: str = Field("baseline", description="Strategy every other strategy is compared with (paired by fold).")
-    bootstrap_samples: int = Field(2000, gt=0, description="Paired bootstrap resamples for CIs vs baseline.")
-    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the bootstrap intervals.")
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level: a difference to the baseline is marked only where the "
+        "exact sign-flip test over (fold, seed) differences (seeds of a fold flip together) gives p <= alpha.",
+    )
+    bootstrap_samples: int = Field(
+        1000, gt=0, description="Resamples of the image-level paired bootstrap (validation images resampled within "
+        "each fold, pairs kept) that gives the interval of the difference to the baseline.",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the image-level bootstrap intervals.")
     seed: int | None = Field(None, ge=0, description="Bootstrap seed (default: run.seed).")
     rare_classes: list[str] | None = Field(
         None, description="Classes whose PR curves are plotted (paper Fig. 4). Default: lora.target_classes "

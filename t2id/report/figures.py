@@ -5,7 +5,7 @@ without a store; `t2id.report.stage` finds the inputs and skips a figure whose i
   class_distribution   paper Fig. 2: instances and images per class (long tail)
   sample_sheet         paper Fig. 3: real vs synthetic images of the rare classes
   pr_curves            paper Fig. 4: PR curves of the rare classes, one line per strategy
-  per_class_bars       per-class metric per strategy, mean with std over folds as error bars
+  per_class_bars       per-class metric per strategy, mean with std (ddof=1) over folds and seeds as error bars
   memorization_hist    nearest-real-neighbour similarity of synthetic images (label stage)
 """
 
@@ -78,9 +78,10 @@ def sample_sheet(rows: list[tuple[str, list[Image.Image], list[Image.Image]]], t
 
 
 def mean_pr_curve(points: pd.DataFrame) -> np.ndarray:
-    """Mean over folds of precision interpolated on a common recall grid (monotone envelope per fold)."""
+    """Mean over trials (folds, and seeds where recorded) of precision on a common recall grid (monotone
+    envelope per trial)."""
     curves = []
-    for _, fold_points in points.groupby("fold"):
+    for _, fold_points in points.groupby([c for c in ("fold", "seed") if c in points]):
         fold_points = fold_points.sort_values("recall")
         recall = fold_points["recall"].to_numpy(dtype=float)
         precision = fold_points["precision"].to_numpy(dtype=float)
@@ -92,7 +93,7 @@ def mean_pr_curve(points: pd.DataFrame) -> np.ndarray:
 
 
 def pr_curves(curves: pd.DataFrame, classes: list[str], strategies: list[str]) -> bytes:
-    """Paper Fig. 4: one panel per rare class, one line per strategy (mean over folds)."""
+    """Paper Fig. 4: one panel per rare class, one line per strategy (mean over folds and seeds)."""
     fig, axes = plt.subplots(len(classes), 1, figsize=(6, 3.2 * len(classes)), squeeze=False, layout="constrained")
     for ax, name in zip(axes[:, 0], classes):
         for strategy in strategies:
@@ -104,13 +105,13 @@ def pr_curves(curves: pd.DataFrame, classes: list[str], strategies: list[str]) -
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
-        ax.set_title(f"PR curve: {name} (mean over folds)")
+        ax.set_title(f"PR curve: {name} (mean over trials)")
         ax.legend(fontsize=7, loc="lower left")
     return _png(fig)
 
 
 def per_class_bars(stats: pd.DataFrame, strategies: list[str], classes: list[str], metric_label: str) -> bytes:
-    """Grouped bars: class on x, one bar per strategy, mean (in %) with std over folds."""
+    """Grouped bars: class on x, one bar per strategy, mean (in %) with std (ddof=1) over folds and seeds."""
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(classes) * max(1, len(strategies)) / 3), 4))
     width = 0.8 / max(1, len(strategies))
     x = np.arange(len(classes))
@@ -121,7 +122,7 @@ def per_class_bars(stats: pd.DataFrame, strategies: list[str], classes: list[str
     ax.set_xticks(x, classes, rotation=25, ha="right")
     ax.set_ylim(0, 100)
     ax.set_ylabel(f"{metric_label} (%)")
-    ax.set_title(f"{metric_label} per class and strategy (mean ± std over folds)")
+    ax.set_title(f"{metric_label} per class and strategy (mean ± std over folds and seeds)")
     ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 

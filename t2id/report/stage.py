@@ -1,4 +1,4 @@
-"""Stage `report`: Table II, paired bootstrap CIs, figures, report.md and a self-contained index.html.
+"""Stage `report`: Table II, sign-flip p-values, image-level bootstrap intervals, figures, report.md, index.html.
 
 The content comes from t2id.report.build; this writes it under report/: index.html, report.md,
 figures/*.png, tables/*.csv.

@@ -15,6 +15,7 @@ from t2id import layout
 from t2id.data.manifest import FOLDS_SCHEMA, class_counts, load_classes, load_manifest
 from t2id.runner import Stage, StageContext, StageResult
 from t2id.split.folds import assert_no_leak, assign_folds, check_feasible
+from t2id.split.leakcheck import leak_check
 from t2id.split.settings import SplitSettings, settings
 
 
@@ -87,10 +88,16 @@ def run(ctx: StageContext, s: SplitSettings) -> StageResult:
         layout.split.folds: ctx.store.write_table(layout.split.folds, folds),
         layout.split.fold_classes: ctx.store.write_table(layout.split.fold_classes, table),
     }
+    # Independent of folds_of: the data manifest's subjects against the folds as written.
+    leaks = leak_check(ctx.store)
+    if not leaks.ok:
+        raise AssertionError(f"split wrote leaking folds: {leaks.describe()}")
+    ctx.events.info(leaks.describe())
     summary = {
         "folds": k,
         "images_per_fold": [image_folds.count(fold) for fold in range(k)],
         "subjects_per_fold": [list(folds_of.values()).count(fold) for fold in range(k)],
+        "subjects_in_several_folds": len(leaks.several_folds),
     }
     return StageResult(outputs=outputs, summary=summary)
 

@@ -381,13 +381,20 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
     blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text})",
                          "per_class.png", figures.per_class_bars(stats, strategies, [ALL, *classes], label)))
 
-    label_keys = [k for k in (layout.label.labels(fold) for fold in _folds(store)) if store.exists(k)]
-    similarity = [store.read_table(k).to_pandas() for k in label_keys]
-    similarity = [t["nn_similarity"] for t in similarity if "nn_similarity" in t]
-    if similarity:
+    # The label stage draws this figure (label/memorization_hist.png); redraw it with the same code only
+    # for a run whose label stage predates it.
+    png = store.read_bytes(layout.label.memorization_hist) if store.exists(layout.label.memorization_hist) else None
+    if png is None:
+        label_keys = [k for k in (layout.label.labels(fold) for fold in _folds(store)) if store.exists(k)]
+        similarity = [store.read_table(k).to_pandas() for k in label_keys]
+        similarity = [t["nn_similarity"] for t in similarity if "nn_similarity" in t]
+        if similarity and s.memorization_threshold is not None:
+            from t2id.label.memorization import histogram_png
+
+            png = histogram_png(pd.concat(similarity).to_numpy(dtype=float), s.memorization_threshold)
+    if png is not None:
         blocks.append(Figure("Memorization check: similarity of each synthetic image to its nearest real "
-                             "training image", "memorization.png",
-                             figures.memorization_hist(pd.concat(similarity), s.memorization_threshold)))
+                             "training image", "memorization.png", png))
     metrics = _read(store, layout.evaluate.metrics)
     if metrics is not None and not metrics.empty:
         csvs["image_metrics.csv"] = metrics

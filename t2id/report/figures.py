@@ -6,7 +6,6 @@ without a store; `t2id.report.stage` finds the inputs and skips a figure whose i
   sample_sheet         paper Fig. 3: real vs synthetic images of the rare classes
   pr_curves            paper Fig. 4: PR curves of the rare classes, one line per strategy
   per_class_bars       per-class metric per strategy, mean with std (ddof=1) over folds and seeds as error bars
-  memorization_hist    nearest-real-neighbour similarity of synthetic images (label stage)
 """
 
 from __future__ import annotations
@@ -124,17 +123,4 @@ def per_class_bars(stats: pd.DataFrame, strategies: list[str], classes: list[str
     ax.set_ylabel(f"{metric_label} (%)")
     ax.set_title(f"{metric_label} per class and strategy (mean ± std over folds and seeds)")
     ax.legend(fontsize=7, ncol=2)
-    return _png(fig)
-
-
-def memorization_hist(similarity: pd.Series, threshold: float | None = None) -> bytes:
-    """Histogram of each synthetic image's similarity to its nearest real training image."""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist(similarity.dropna().to_numpy(dtype=float), bins=30, color="tab:purple")
-    if threshold is not None:
-        ax.axvline(threshold, color="k", linestyle="--", label=f"flag threshold {threshold:g}")
-        ax.legend()
-    ax.set_xlabel("nearest-neighbour similarity to real training images")
-    ax.set_ylabel("synthetic images")
-    ax.set_title("Memorization check")
     return _png(fig)

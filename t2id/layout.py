@@ -13,11 +13,25 @@ import re
 MARKER = "_SUCCESS.json"
 CONFIG = "config.yaml"
 MEMO = "_memo.json"  # a unit of work's memo (t2id.resume), beside the unit's outputs
+RUN_LOCK = "_lock.json"  # the run lock (t2id.runlock): who is running this run id, and which stage
 
 
 def marker(stage: str) -> str:
     """`<stage>/_SUCCESS.json`: written last by the runner when a stage is done."""
     return f"{stage}/{MARKER}"
+
+
+FAILED = "_FAILED.json"
+
+
+def failed(stage: str) -> str:
+    """`<stage>/_FAILED.json`: {error, at}, written by the runner when a stage raised; deleted when it succeeds."""
+    return f"{stage}/{FAILED}"
+
+
+def stage_log(stage: str) -> str:
+    """`<stage>/logs/<stage>.log`: what the process printed while the stage ran (quiet console; t2id.console)."""
+    return f"{stage}/logs/{stage}.log"
 
 
 def slug(name: str) -> str:

@@ -3,6 +3,7 @@
 Keys are '/'-separated paths relative to the store root. Every write is atomic: a reader sees
 either the old object or the complete new one, never a part of it.
   - local: write a hidden temp file in the destination folder, fsync, os.replace (atomic on POSIX);
+    files get the usual 0666 & ~umask mode (not mkstemp's 0600), so a group sharing a store can read it;
   - S3: a single PUT, or a multipart upload that only becomes visible when completed.
 Every write returns the sha256 of the bytes written; on S3 it is also stored as object metadata
 (`x-amz-meta-sha256`) so `sha256(key)` needs no download.
@@ -14,11 +15,12 @@ instance/pod identity). Transient S3 errors are retried with exponential backoff
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
-import tempfile
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -80,8 +82,21 @@ class Store(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def create(self, key: str, data: bytes) -> bool:
+        """Atomically write `data` at `key` only if no object is there; False (nothing written) if one is.
+        Two writers racing for the same key: exactly one gets True (the run lock is built on this)."""
+
+    @abstractmethod
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """key -> size in bytes of every object under the folder `prefix` (recursive), one listing."""
+
     def list(self, prefix: str = "") -> list[str]:
         """All keys under the folder `prefix` (recursive, sorted), excluding in-flight temp files."""
+        return sorted(self.sizes(prefix))
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Size in bytes of the object at `key`, None when there is none."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -90,6 +105,10 @@ class Store(ABC):
     @abstractmethod
     def sha256(self, key: str) -> str:
         """sha256 of the object at `key` (from metadata when the store recorded it)."""
+
+    def content_sha256(self, key: str) -> str:
+        """sha256 of the object's bytes as they are now, never from metadata (what `--verify` checks)."""
+        return self.sha256(key)
 
     def uri(self, key: str = "") -> str:
         """Full URI of `key` (what manifests store in their `uri` column)."""
@@ -115,7 +134,13 @@ class Store(ABC):
         return self.write_bytes(key, buffer.getvalue())
 
     def read_table(self, key: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+        data = self.read_bytes(key)
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except pa.ArrowException as exc:  # pyarrow names the file '<Buffer>': name it here
+            reason = str(exc).splitlines()[0].replace("Could not open Parquet input source '<Buffer>': ", "")
+            raise UserError(f"{self.uri(key)}: not a readable parquet file ({reason}); it is damaged: redo the "
+                            "stage that wrote it (`t2id run CONFIG --force STAGE`)") from exc
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
@@ -145,18 +170,31 @@ class LocalStore(Store):
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._root / _check_key(prefix.strip("/")))
 
-    def _publish(self, key: str, fill) -> str:
+    def _publish(self, key: str, fill, exclusive: bool = False) -> str:
+        """Fill a temp file beside `key`, fsync it, then move it into place (os.replace), or with
+        `exclusive` hard-link it there: link(2) fails when the key exists, exactly like O_CREAT|O_EXCL
+        (also on NFS), and the object appears complete (FileExistsError then, nothing written)."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
+        # os.open with 0o666 lets the kernel apply the umask, as for any file a program creates;
+        # tempfile.mkstemp would force 0600 and lock others sharing the store out.
+        tmp = str(dest.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as fh:
                 digest = fill(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
+            if exclusive:
+                os.link(tmp, dest)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, dest)
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the user's to fix: one line
+                raise UserError(f"{self.uri(key)}: no space left on the device ({exc.strerror}); free space "
+                                "there or point store.uri elsewhere, then rerun") from exc
             raise
         return digest
 
@@ -178,6 +216,13 @@ class LocalStore(Store):
 
         return self._publish(key, fill)
 
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self._publish(key, lambda fh: fh.write(data), exclusive=True)
+            return True
+        except FileExistsError:
+            return False
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
@@ -198,16 +243,28 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def size(self, key: str) -> int | None:
+        try:
+            st = self.path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         base = self._root / prefix.strip("/") if prefix.strip("/") else self._root
         if not base.is_dir():
-            return []
-        keys = []
+            return {}
+        found = {}
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if not name.startswith(TMP_PREFIX):
-                    keys.append(Path(dirpath, name).relative_to(self._root).as_posix())
-        return sorted(keys)
+                if name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    found[path.relative_to(self._root).as_posix()] = path.stat().st_size
+                except FileNotFoundError:  # deleted since the walk listed it
+                    pass
+        return found
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
@@ -262,6 +319,21 @@ class S3Store(Store):
                                  ExtraArgs={"Metadata": {"sha256": digest}})
         return digest
 
+    def create(self, key: str, data: bytes) -> bool:
+        # A conditional PUT (If-None-Match: *): S3 itself refuses it when the key exists, so of two
+        # racing writers exactly one succeeds. S3-compatible servers that ignore the header (old MinIO,
+        # some Ceph versions) would let both through; AWS S3 and current MinIO honour it.
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
+                                    Metadata={"sha256": sha256_bytes(data)})
+            return True
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            # 412: the key exists; 409: another conditional write to it is in flight (it will win)
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
@@ -293,15 +365,21 @@ class S3Store(Store):
     def exists(self, key: str) -> bool:
         return self._head(key) is not None
 
-    def list(self, prefix: str = "") -> list[str]:
+    def size(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         prefix = prefix.strip("/")
         folder = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
+        found = {}
         for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        # Folder markers ("a/b/", written by pyarrow for Ray Train/Tune) are not objects of the run.
-        return sorted(k for k in keys if not k.endswith("/"))
+            for obj in page.get("Contents", []):
+                # Folder markers ("a/b/", written by pyarrow for Ray Train/Tune) are not objects of the run.
+                if not obj["Key"].endswith("/"):
+                    found[obj["Key"][strip:]] = int(obj["Size"])
+        return found
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
@@ -321,7 +399,17 @@ class S3Store(Store):
         if head is None:
             raise ObjectNotFound(f"{self.uri(key)} does not exist")
         recorded = head.get("Metadata", {}).get("sha256")
-        return recorded or sha256_bytes(self.read_bytes(key))
+        return recorded or self.content_sha256(key)
+
+    def content_sha256(self, key: str) -> str:
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except self._client.exceptions.NoSuchKey:
+            raise ObjectNotFound(f"{self.uri(key)} does not exist") from None
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: body.read(_CHUNK), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 8):

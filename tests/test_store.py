@@ -237,3 +237,83 @@ def test_s3_transient_errors_are_retried(s3_server, s3_bucket):
             impatient.read_bytes("k")
     finally:
         server.shutdown()
+
+
+# Exclusive create (the run lock), sizes, content hashes.
+
+def test_create_is_exclusive(store):
+    assert store.create("locks/l.json", b"first") is True
+    assert store.create("locks/l.json", b"second") is False
+    assert store.read_bytes("locks/l.json") == b"first"
+    assert store.list("locks") == ["locks/l.json"]  # no temp file left behind by the refused create
+    barrier = threading.Barrier(4)
+    wins = []
+
+    def race(i):
+        barrier.wait()
+        wins.append(store.create("locks/race.json", f"{i}".encode()))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False, False, False, True]
+
+
+def test_sizes_and_size(store):
+    store.write_bytes("s/a.bin", b"12345")
+    store.write_bytes("s/b/c.bin", b"")
+    assert store.sizes("s") == {"s/a.bin": 5, "s/b/c.bin": 0}
+    assert store.size("s/a.bin") == 5 and store.size("s/missing") is None and store.size("s/b") is None
+
+
+def test_content_sha256_reads_the_bytes_not_the_metadata(s3_server, s3_bucket):
+    """On S3 `sha256` trusts the metadata recorded at write time; `content_sha256` (--verify) does not."""
+    store = S3Store(f"s3://{s3_bucket}/r", endpoint_url=s3_server)
+    recorded = store.write_bytes("k", b"original")
+    store._client.put_object(Bucket=s3_bucket, Key="r/k", Body=b"replaced", Metadata={"sha256": recorded})
+    assert store.sha256("k") == recorded
+    assert store.content_sha256("k") == hashlib.sha256(b"replaced").hexdigest()
+
+
+def test_published_files_follow_the_umask(tmp_path):
+    """Readable by the group sharing a store: 0666 & ~umask like any file a program writes, where
+    mkstemp's 0600 locked everyone else out."""
+    previous = os.umask(0o022)
+    try:
+        store = LocalStore(tmp_path / "s")
+        store.write_bytes("a/b.bin", b"x")
+        store.write_file("a/c.bin", __file__)
+        store.create("a/lock.json", b"{}")
+        os.umask(0o007)
+        store.write_bytes("a/d.bin", b"x")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "s" / "a").iterdir()}
+    assert modes == {"b.bin": 0o644, "c.bin": 0o644, "lock.json": 0o644, "d.bin": 0o660}
+
+
+# Folder markers: Ray Tune / pyarrow write keys ending in '/' on S3 (issue 18, item 3).
+
+def test_s3_folder_markers_are_not_keys_and_cleanup_removes_them(s3_server, s3_bucket):
+    import boto3
+
+    from t2id.resume import output_sizes
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    store = S3Store(f"s3://{s3_bucket}/run", endpoint_url=s3_server)
+    for marker in ("run/grid/", "run/grid/tune/", "run/grid/tune/fold=0-cas-seed=0/"):
+        client.put_object(Bucket=s3_bucket, Key=marker, Body=b"")
+    store.write_text("grid/tune/fold=0-cas-seed=0/result.json", "{}")
+    store.write_text("grid/trials.parquet", "t")
+    assert store.list("grid") == ["grid/trials.parquet", "grid/tune/fold=0-cas-seed=0/result.json"]
+    assert store.list() == store.list("grid")
+    assert output_sizes(store, ["grid/trials.parquet"]) == {"grid/trials.parquet": 1}
+    for key in store.list("grid/tune"):  # list-then-delete cleanup (e.g. stale outputs) never sees a marker
+        store.delete(key)
+    assert store.delete_prefix("grid/tune") == 0  # only markers were left: removed, not counted
+    left = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="run/").get("Contents", [])]
+    assert left == ["run/grid/", "run/grid/trials.parquet"]
+    assert store.delete_prefix("grid") == 1
+    assert client.list_objects_v2(Bucket=s3_bucket, Prefix="run/").get("KeyCount") == 0

@@ -42,9 +42,12 @@ def check(
     src: Annotated[str, typer.Argument(help="YOLO dataset: a local folder or an s3:// prefix.")],
     subject_map: Annotated[str | None, typer.Option(help="CSV/YAML image -> subject map.")] = None,
     subject_regex: Annotated[str | None, typer.Option(help="Regex with a named group 'subject' on the file name.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(
+        help="Largest image accepted, in pixels (default: data.max_pixels' default).")] = None,
     strict: Annotated[bool, typer.Option(help="Also fail on warnings (e.g. a class without instances).")] = False,
 ) -> None:
-    """Validate a dataset without importing it: print (file: reason) per rejected file; exit 1 if any."""
+    """Validate a dataset without importing it: print (file: reason) per rejected file, and dataset-level
+    findings (e.g. subjects unknown) the same way; every check runs; exit 1 if anything was found."""
     from t2id.data.config import DataConfig
     from t2id.data.importer import resolve_source
     from t2id.data.manifest import IMAGE_SCHEMA
@@ -55,14 +58,16 @@ def check(
     import pyarrow as pa
     from pydantic import ValidationError
 
+    fields = {"max_pixels": max_pixels} if max_pixels is not None else {}
     try:
-        cfg = DataConfig(source=src, subject_map=subject_map, subject_regex=subject_regex)
+        cfg = DataConfig(source=src, subject_map=subject_map, subject_regex=subject_regex, **fields)
     except ValidationError as exc:
         raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     with tempfile.TemporaryDirectory(prefix="t2id-check-") as cache:
         root = resolve_source(cfg, Path(cache))
         scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
-                            tolerance=cfg.box_tolerance, workers=cfg.workers)
+                            tolerance=cfg.box_tolerance, workers=cfg.workers, max_pixels=cfg.max_pixels,
+                            require_subjects=False)
     rows = {"boxes": [[{"class_id": c, "x": x, "y": y, "w": w, "h": h} for c, x, y, w, h in r.boxes]
                       for r in scan.images]}
     boxes_only = pa.table(rows, schema=pa.schema([IMAGE_SCHEMA.field("boxes")]))
@@ -72,8 +77,17 @@ def check(
     warnings = scan.warnings + [f"class '{n}' has no instance" for n in missing]
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
+    converted = [r for r in scan.images if r.conversion]
+    if converted:
+        typer.echo(f"note: {len(converted)} image(s) will be stored as 8-bit, e.g. {converted[0].path}: "
+                   f"{converted[0].conversion}", err=True)
+    for finding in scan.findings:  # dataset-level: the message names the dataset or the map file
+        typer.echo(finding)
     for rejection in scan.rejected:
         typer.echo(f"{rejection.path}: {rejection.reason}")
-    typer.echo(f"{len(scan.images)} image(s) accepted, {len(scan.rejected)} file(s) rejected", err=True)
-    if scan.rejected or (strict and warnings):
+    summary = f"{len(scan.images)} image(s) accepted, {len(scan.rejected)} file(s) rejected"
+    if scan.findings:
+        summary += f", {len(scan.findings)} dataset finding(s)"
+    typer.echo(summary, err=True)
+    if scan.rejected or scan.findings or (strict and warnings):
         raise typer.Exit(1)

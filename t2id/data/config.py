@@ -53,6 +53,12 @@ class DataConfig(Section):
                     "accepted (then clipped); annotation tools often round to just past the border.",
     )
     workers: int = Field(8, ge=1, le=64, description="Threads that read, hash, decode and copy images.")
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=178_956_970,
+        description="Largest image accepted, in pixels (width x height), read from the file's header before "
+                    "anything is decoded: a 20000 x 20000 PNG can take 400 KB on disk and 400 MB to decode. "
+                    "At most 178956970, above which Pillow (every stage's image reader) refuses to open an image.",
+    )
 
     @field_validator("subject_regex")
     @classmethod

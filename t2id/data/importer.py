@@ -7,6 +7,8 @@ are not downloaded again). The source is only read.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +22,7 @@ import pyarrow as pa
 from t2id import layout
 from t2id.data.manifest import IMAGE_SCHEMA, QUARANTINE_SCHEMA
 from t2id.data.phantom import PHANTOM_VERSION, write_phantom
-from t2id.data.validate import Rejection, ScanResult
+from t2id.data.validate import Rejection, ScanResult, display_path, stored_bytes, walk_files
 from t2id.errors import UserError
 from t2id.hashing import sha256_json
 from t2id.store import TMP_PREFIX, LocalStore, Store, s3_client
@@ -42,8 +44,12 @@ def ensure_phantom(phantom_cfg, cache_dir: Path) -> Path:
         return folder
     tmp = folder.with_name(f"{TMP_PREFIX}{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_phantom(tmp, subjects=phantom_cfg.subjects, frames_per_subject=phantom_cfg.frames_per_subject,
-                  size=phantom_cfg.size, seed=phantom_cfg.seed)
+    try:
+        write_phantom(tmp, subjects=phantom_cfg.subjects, frames_per_subject=phantom_cfg.frames_per_subject,
+                      size=phantom_cfg.size, seed=phantom_cfg.seed)
+    except BaseException:  # e.g. a full disk: no half-written folder left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, folder)
@@ -131,10 +137,18 @@ def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, s
         root = Path(source).expanduser()
         if not root.is_dir():
             raise UserError(f"data.source {source!r}: folder not found")
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                st = os.stat(os.path.join(dirpath, name))
-                entries.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_size, st.st_mtime_ns))
+        # The scan's own walk (symlinked folders followed, loops cut); an entry the scan rejects (a broken
+        # symlink, an unreadable file) is part of the fingerprint with its reason, so fixing it re-imports.
+        files, problems = walk_files(root)
+        for path in files:
+            rel = display_path(os.path.relpath(path, root))
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                entries.append((rel, -1, exc.strerror or str(exc)))
+                continue
+            entries.append((rel, st.st_size, st.st_mtime_ns))
+        entries.extend((display_path(os.path.relpath(path, root)), -1, reason) for path, reason in problems.items())
         entries.sort()
     if data_cfg.subject_map and Path(data_cfg.subject_map).expanduser().is_file():
         st = Path(data_cfg.subject_map).expanduser().stat()
@@ -146,10 +160,21 @@ def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, s
 
 def copy_images(scan: ScanResult, store: Store, workers: int = 8,
                 progress: Callable[[int], None] | None = None) -> pa.Table:
-    """Copy accepted images to layout.data.image(image_id, ext) (skipping present ones); return the manifest."""
+    """Copy accepted images to layout.data.image(image_id, ext) (skipping present ones); return the manifest.
+
+    A converted image (16-bit, palette, alpha, ...: t2id.data.pixels) is stored as the 8-bit PNG the scan
+    hashed, made again here from the source file; a source file changed since the scan is an error.
+    """
     present = set(store.list(layout.data.images))
     todo = [rec for rec in scan.images if layout.data.image(rec.image_id, rec.ext) not in present]
     root = str(scan.root)
+
+    def converted(rec) -> bytes:
+        with open(os.path.join(root, rec.path), "rb") as fh:
+            data = stored_bytes(fh.read(), rec.conversion)
+        if hashlib.sha256(data).hexdigest() != rec.sha256:
+            raise UserError(f"{rec.path} changed while it was imported; run the import again")
+        return data
 
     if isinstance(store, LocalStore):
         folder = store.path(layout.data.images)
@@ -162,11 +187,28 @@ def copy_images(scan: ScanResult, store: Store, workers: int = 8,
             # and the stage marker written after this are fsynced).
             dest = os.path.join(folder_s, rec.image_id + rec.ext)
             tmp = os.path.join(folder_s, TMP_PREFIX + rec.image_id + rec.ext)
-            shutil.copyfile(os.path.join(root, rec.path), tmp)
-            os.replace(tmp, dest)
+            try:
+                if rec.conversion is None:
+                    shutil.copyfile(os.path.join(root, rec.path), tmp)
+                else:
+                    with open(tmp, "wb") as fh:
+                        fh.write(converted(rec))
+                os.replace(tmp, dest)
+            except BaseException as exc:  # a full disk (or a kill) leaves no temp file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UserError(f"{store.uri(layout.data.images)}: no space left on the device while copying "
+                                    f"{rec.path} ({exc.strerror}); free space there or point store.uri elsewhere, "
+                                    "then rerun: images copied so far are kept") from exc
+                raise
     else:
         def put(rec) -> None:
-            store.write_file(layout.data.image(rec.image_id, rec.ext), os.path.join(root, rec.path))
+            key = layout.data.image(rec.image_id, rec.ext)
+            if rec.conversion is None:
+                store.write_file(key, os.path.join(root, rec.path))
+            else:
+                store.write_bytes(key, converted(rec))
 
     batches = [todo[i:i + 32] for i in range(0, len(todo), 32)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -197,10 +239,12 @@ def manifest_table(scan: ScanResult, store: Store) -> pa.Table:
 
 
 def sources_table(scan: ScanResult) -> pa.Table:
-    """image_id -> original path, so a manifest row can be traced back to the user's file."""
+    """image_id -> original path, so a manifest row can be traced back to the user's file; `conversion` says how
+    the stored image was made from it (null: stored as is; t2id.data.pixels)."""
     records = sorted(scan.images, key=lambda r: r.path)
     return pa.table({"image_id": [r.image_id for r in records], "path": [r.path for r in records],
-                     "label_path": [r.label_path for r in records]})
+                     "label_path": [r.label_path for r in records],
+                     "conversion": pa.array([r.conversion for r in records], type=pa.string())})
 
 
 def quarantine_table(rejected: list[Rejection]) -> pa.Table:

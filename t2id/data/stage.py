@@ -34,9 +34,12 @@ def run(ctx: StageContext, s: DataSettings) -> StageResult:
     with ctx.events.progress("checking files", total=None) as advance:
         scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
                             class_names=cfg.class_names, tolerance=cfg.box_tolerance, workers=cfg.workers,
-                            progress=advance)
+                            progress=advance, max_pixels=cfg.max_pixels)
     for warning in scan.warnings:
         ctx.events.warning(warning)
+    if converted := [r for r in scan.images if r.conversion]:
+        ctx.events.info(f"{len(converted)} image(s) stored as 8-bit (e.g. {converted[0].path}: {converted[0].conversion}); "
+                        f"see {store.uri(layout.data.sources)}")
     if scan.rejected:
         if cfg.strict:
             raise UserError(f"data.strict is on and {len(scan.rejected)} file(s) of {root} were rejected; fix "
@@ -63,6 +66,9 @@ def run(ctx: StageContext, s: DataSettings) -> StageResult:
         layout.data.class_distribution: store.write_bytes(layout.data.class_distribution,
                                                           class_distribution_png(stats)),
     }
+    # The imported images are outputs too, so the runner checks them before skipping the stage: a
+    # deleted or truncated copy is caught and copied again, not found by a later stage.
+    outputs.update({layout.data.image(r.image_id, r.ext): r.sha256 for r in scan.images})
     ratio = imbalance_ratio(stats)
     summary = {
         "images": manifest.num_rows,

@@ -8,13 +8,23 @@ Layouts (ultralytics conventions):
 Names come from data.class_names, else the yaml's `names` (list, or dict id -> name).
 
 Checks (the reasons a file is rejected; the source is only read, never modified):
-  image: unknown extension, undecodable (PNG 8/16-bit, grayscale/RGB/RGBA, JPEG are fine),
-         no subject (mapping file or file-name regex), duplicate (same bytes as another image);
+  file:  cannot be read (permission, I/O error), broken or looping symlink, not a regular file,
+         name not valid UTF-8 (the manifest and the quarantine hold names as UTF-8 text);
+  image: unknown extension, more pixels than data.max_pixels (read from the header, before decoding),
+         undecodable (a full decode; a JPEG must also be whole: t2id.data.pixels.jpeg_truncation),
+         pixel format without a safe 8-bit form (t2id.data.pixels: 16-bit grey, palette, alpha and
+         bilevel images are converted, CMYK and float rejected), no subject (mapping file or file-name
+         regex), duplicate (same stored bytes as another image);
   label: no image for it, unknown extension, and per line: 5 fields, numeric, finite, integer
          class id in range, centre/size in [0, 1], positive w/h, box inside the image.
 CRLF, trailing blank lines and empty label files are fine (empty = background); an image with
 no label file is a background image. A bad label rejects its image too (training on it as
 background would teach the detector that the object is background).
+Folders: hidden ones are skipped; symlinked folders are followed (datasets are often assembled from
+links), each real folder once: a link to a folder already scanned (a loop, or a second path to it) is
+rejected with that reason, and so is a folder that cannot be listed.
+`data check` (require_subjects=False) reports unknown subjects as a dataset finding and runs every
+other check; the import needs them and stops.
 
 Speed: one thread pool reads, hashes and decodes each image once (Pillow's decoders release the GIL).
 """
@@ -22,12 +32,14 @@ Speed: one thread pool reads, hashes and decodes each image once (Pillow's decod
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +50,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from t2id.data.manifest import image_id_of
+from t2id.data.pixels import conversion_for, jpeg_truncation, png_bytes, to_8bit
 from t2id.errors import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -54,6 +67,7 @@ class ImageRecord:
     group: str
     boxes: list[tuple[int, float, float, float, float]]
     label_path: str | None  # None = background image without a label file
+    conversion: str | None = None  # None: stored as is; else how the import stored it as 8-bit (t2id.data.pixels)
 
     @property
     def image_id(self) -> str:
@@ -61,6 +75,9 @@ class ImageRecord:
 
     @property
     def ext(self) -> str:
+        """The stored file's extension: a converted image is stored as PNG."""
+        if self.conversion is not None:
+            return ".png"
         ext = Path(self.path).suffix.lower()
         return ".jpg" if ext == ".jpeg" else ext
 
@@ -78,6 +95,7 @@ class ScanResult:
     images: list[ImageRecord] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # dataset-level errors `data check` reports (subjects unknown)
     files_seen: int = 0
 
 
@@ -177,12 +195,83 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name.endswith(".cache")
 
 
-def _walk(folder: Path) -> list[str]:
-    out = []
-    for dirpath, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(files) if not _ignored(f))
-    return out
+def display_path(path: str) -> str:
+    """`path` as printable UTF-8 text: name bytes that are not UTF-8 (which Python keeps as surrogates) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _file_problem(path: str) -> str | None:
+    """Why the directory entry `path` cannot be read as a file, or None when it can be opened."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            target = display_path(os.readlink(path))
+            if exc.errno == errno.ELOOP:
+                return f"symlink loop: it points to '{target}', which leads back to itself"
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return f"broken symlink: it points to '{target}', which does not exist"
+        return f"cannot read the file ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    return None
+
+
+def walk_files(folder: str | os.PathLike[str], seen: set[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Every file under `folder` (str paths), and path -> reason for each entry that cannot be imported.
+
+    Hidden entries and ultralytics' label caches are skipped. Symlinked folders are followed, each real folder
+    once (`seen` holds the real paths scanned; share it between calls over overlapping folders): a symlink to a
+    folder scanned already (a loop back to a parent, or a second link to one folder) is reported, a real folder
+    met again (data.yaml's train and val overlapping) is not. Reported, never skipped silently: a folder that
+    cannot be listed, names that are not UTF-8, broken or looping symlinks, anything that is not a regular file.
+    """
+    seen = set() if seen is None else seen
+    files: list[str] = []
+    problems: dict[str, str] = {}
+
+    def unlistable(exc: OSError) -> None:  # os.walk's hook; by default it skips such a folder without a word
+        problems[exc.filename] = f"folder cannot be listed ({exc.strerror}); nothing in it is imported"
+
+    top = os.fspath(folder)
+    seen.add(os.path.realpath(top))
+    for dirpath, dirs, names in os.walk(top, onerror=unlistable, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                continue
+            if not _is_utf8(name):
+                problems[path] = "folder name is not valid UTF-8; rename it (nothing in it is imported)"
+                continue
+            real = os.path.realpath(path)
+            if real in seen:
+                if os.path.islink(path):
+                    problems[path] = (f"symlinked folder leads to '{display_path(real)}', which is scanned already "
+                                      "(a loop, or a second link to one folder): its files are imported once")
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirs[:] = keep
+        for name in sorted(names):
+            if _ignored(name):
+                continue
+            path = os.path.join(dirpath, name)
+            if not _is_utf8(name):
+                problems[path] = "file name is not valid UTF-8; rename it"
+            elif (problem := _file_problem(path)) is not None:
+                problems[path] = problem
+            else:
+                files.append(path)
+    return files, problems
 
 
 # --- subjects ----------------------------------------------------------------------------------
@@ -361,38 +450,108 @@ def _pil_open(fp: io.BytesIO) -> Image.Image:
     return (original or Image.open)(fp)
 
 
-def decode_check(data: bytes, ext: str) -> tuple[int, int] | str:
-    """(width, height) when the bytes decode as an image, else the reason they do not.
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    conversion: str | None = None  # None: the file is stored as is; else how it is stored as 8-bit (t2id.data.pixels)
+    stored_sha256: str | None = None  # sha256 of the converted PNG the import stores (None: the file's own)
 
-    A full decode with Pillow: it reads every pixel, so a truncated file or a corrupt compressed
-    stream fails here and not later in a training loop. For PNG, `verify()` first checks every
-    chunk's CRC, which catches flipped bytes that still inflate.
+
+def _size_past_pillow_limit(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image Image.open refuses outright (over 2 x Image.MAX_IMAGE_PIXELS): the format
+    plugins Pillow registers read the header alone, without Image.open's decompression-bomb check."""
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            with factory(io.BytesIO(data)) as image:
+                return image.size
+        except Exception:  # noqa: BLE001 (not this format: try the next plugin, as Image.open does)
+            continue
+    return None
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return (f"image too large: {width} x {height} = {width * height} pixels > data.max_pixels ({max_pixels}); "
+            f"downscale it, or raise data.max_pixels")
+
+
+def inspect_image(data: bytes, ext: str, max_pixels: int | None = None) -> ImageInfo | str:
+    """What the import stores for these image bytes (size, and the 8-bit conversion if any), or why it rejects them.
+
+    1. The header alone gives the size: more than `max_pixels` is rejected before any pixel is decoded (a
+       20000 x 20000 PNG of a few hundred KB needs 400 MB to decode).
+    2. A full decode with Pillow: it reads every pixel, so a truncated file or a corrupt compressed stream fails
+       here and not later in a training loop. For PNG, `verify()` first checks every chunk's CRC, which catches
+       flipped bytes that still inflate. A JPEG must also be whole (t2id.data.pixels.jpeg_truncation).
+    3. The pixel format: stored as is, converted to 8-bit (the sha256 is then the stored PNG's), or rejected.
     """
     if not data:
         return "undecodable image: the file is empty"
     kind = ext.lstrip(".").upper()
     try:
-        if ext == ".png":
-            with _pil_open(io.BytesIO(data)) as image:
+        with _pil_open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                return _too_many_pixels(width, height, max_pixels)
+            if ext == ".png":
                 image.verify()
         with _pil_open(io.BytesIO(data)) as image:
             image.load()
-            width, height = image.size
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                return f"{frames} frames (an animation or a multi-page file); save the frame to use as its own image"
+            if image.format == "JPEG" and (cut := jpeg_truncation(data, image.tobytes())) is not None:
+                return f"undecodable image: {cut}"
+            try:
+                conversion = conversion_for(image, data)
+            except ValueError as exc:
+                return f"unsupported pixels: {exc}"
+            stored = hashlib.sha256(png_bytes(to_8bit(image, data))).hexdigest() if conversion else None
     except UnidentifiedImageError:  # its message holds a memory address: not for a reproducible quarantine
         return f"undecodable image: not a valid {kind} file"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        size = _size_past_pillow_limit(data)
+        if size is not None:
+            return _too_many_pixels(*size, max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS)
+        return f"image too large: {exc}"
+    except (OSError, SyntaxError, ValueError) as exc:
         return f"undecodable image: {kind} data is corrupt or truncated ({exc})"
     if width == 0 or height == 0:
         return f"undecodable image: {kind} has zero width or height"
-    return width, height
+    return ImageInfo(width, height, conversion, stored)
+
+
+def decode_check(data: bytes, ext: str, max_pixels: int | None = None) -> tuple[int, int] | str:
+    """(width, height) when the bytes are an image the import accepts, else the reason they are not."""
+    info = inspect_image(data, ext, max_pixels)
+    return info if isinstance(info, str) else (info.width, info.height)
+
+
+def stored_bytes(data: bytes, conversion: str | None) -> bytes:
+    """The bytes the import stores for an image file: the file itself, or its 8-bit PNG (`conversion` set)."""
+    if conversion is None:
+        return data
+    with _pil_open(io.BytesIO(data)) as image:
+        image.load()
+        return png_bytes(to_8bit(image, data))
 
 
 # --- the scan ----------------------------------------------------------------------------------
 
 def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, subject_regex: str | None = None,
                  class_names: list[str] | None = None, tolerance: float = 1e-3, workers: int = 8,
-                 progress: Callable[[int], None] | None = None) -> ScanResult:
-    """Check every file of a local YOLO dataset; return accepted images and rejected files."""
+                 progress: Callable[[int], None] | None = None, max_pixels: int | None = None,
+                 require_subjects: bool = True) -> ScanResult:
+    """Check every file of a local YOLO dataset; return accepted images and rejected files.
+
+    `max_pixels`: larger images are rejected from their header (None: Pillow's own limit). `require_subjects`
+    False (`data check`): a missing or unusable subject source becomes a finding in `ScanResult.findings` and
+    every other check still runs; True (the import): it is a UserError.
+    """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
@@ -400,8 +559,14 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
     names = class_names or layout.names
     if not names:
         raise UserError(f"{root}: class names unknown; set data.class_names or add `names` to data.yaml")
-    subjects_for, no_subject_why = subject_resolver(root, subject_map, subject_regex)
     result = ScanResult(root=root, names=list(names))
+    try:
+        subjects_for, no_subject_why = subject_resolver(root, subject_map, subject_regex)
+    except UserError as exc:
+        if require_subjects:
+            raise
+        result.findings.append(str(exc))
+        subjects_for, no_subject_why = (lambda rels: lambda rel: "unknown"), ""
     if class_names and layout.names and list(class_names) != layout.names:
         result.warnings.append(f"data.class_names overrides the names in {layout.yaml_path}")
 
@@ -417,20 +582,28 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
     def suffix(path: str) -> str:
         return os.path.splitext(path)[1].lower()
 
-    # 1. Files: images under the image folders, labels under the matching label folders.
+    # 1. Files: images under the image folders, labels under the matching label folders. Entries that cannot
+    #    be read as files (see walk_files) are rejected here, with their reason.
     image_files: dict[str, None] = {}
     label_dirs: dict[str, None] = {}
-    for folder in layout.image_dirs:
-        folder = folder.resolve()
+    problems: dict[str, str] = {}
+    seen: set[str] = set()
+    for folder in dict.fromkeys(folder.resolve() for folder in layout.image_dirs):
         label_dirs[str(_label_dir_for(folder))] = None
-        for path in _walk(folder):
-            image_files[path] = None
+        files, found = walk_files(folder, seen)
+        image_files.update(dict.fromkeys(files))
+        problems.update(found)
     label_files: dict[str, None] = {}
+    label_seen: set[str] = set()
     for folder in label_dirs:
         if os.path.isdir(folder):
-            for path in _walk(Path(folder)):
+            files, found = walk_files(folder, label_seen)
+            problems.update(found)
+            for path in files:
                 if suffix(path) == LABEL_EXT or path not in image_files:
                     label_files[path] = None
+    for path, reason in problems.items():
+        result.rejected.append(Rejection(display_path(rel(path)), reason))
     images: list[str] = []
     for path in image_files:
         if suffix(path) == LABEL_EXT and path in label_files:
@@ -444,7 +617,7 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
         if suffix(path) != LABEL_EXT and path not in image_files:
             result.rejected.append(Rejection(rel(path), f"unknown extension '{os.path.splitext(path)[1]}' in a "
                                              f"labels folder (labels are .txt)"))
-    result.files_seen = len(image_files) + len([p for p in label_files if p not in image_files])
+    result.files_seen = len(image_files) + len([p for p in label_files if p not in image_files]) + len(problems)
 
     # 2. Per image (threads): read once, hash, decode once, subject, label.
     def check(path: str) -> ImageRecord | Rejection:
@@ -452,11 +625,14 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
         label = label_path_for(path)
         label_rel = rel(label) if label in label_files else None
         tail = f" (its label {label_rel} is not imported either)" if label_rel else ""
-        with open(path, "rb") as fh:
-            data = fh.read()
-        size = decode_check(data, suffix(path))
-        if isinstance(size, str):
-            return Rejection(r, size + tail)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:  # unreadable (permissions), or gone or changed since the listing
+            return Rejection(r, f"cannot read the file ({exc.strerror})" + tail)
+        info = inspect_image(data, suffix(path), max_pixels)
+        if isinstance(info, str):
+            return Rejection(r, info + tail)
         group = subject_of(r)
         if not group:
             return Rejection(r, f"no subject: {no_subject_why}" + tail)
@@ -467,14 +643,23 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
                     text = fh.read().decode("utf-8-sig")
             except UnicodeDecodeError:
                 return Rejection(label_rel, f"label is not UTF-8 text; image {r} not imported")
+            except OSError as exc:
+                return Rejection(label_rel, f"cannot read the label ({exc.strerror}); image {r} not imported")
             boxes, problems = parse_label(text, len(names), tolerance)
             if problems:
                 more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
                 return Rejection(label_rel, "; ".join(problems[:3]) + more + f"; image {r} not imported")
-        return ImageRecord(r, hashlib.sha256(data).hexdigest(), size[0], size[1], group, boxes, label_rel)
+        sha256 = info.stored_sha256 or hashlib.sha256(data).hexdigest()
+        return ImageRecord(r, sha256, info.width, info.height, group, boxes, label_rel, info.conversion)
 
     images.sort(key=rel)
-    subject_of = subjects_for([rel(p) for p in images])
+    try:
+        subject_of = subjects_for([rel(p) for p in images])
+    except UserError as exc:  # a subject map whose keys clash
+        if require_subjects:
+            raise
+        result.findings.append(str(exc))
+        subject_of = lambda rel: "unknown"  # noqa: E731
     claimed = {label_path_for(path) for path in images}
     for path in label_files:
         if suffix(path) == LABEL_EXT and path not in claimed and path not in image_files:
@@ -489,7 +674,8 @@ def scan_dataset(root: str | os.PathLike[str], subject_map: str | None = None, s
             if progress is not None:
                 progress(len(batch))
 
-    # 3. Duplicates: the first image (sorted path) with given bytes wins.
+    # 3. Duplicates: the first image (sorted path) with given stored bytes wins (two 16-bit files can differ only
+    #    in bits the 8-bit conversion drops).
     first_of: dict[str, str] = {}
     for item in checked:
         if isinstance(item, Rejection):

@@ -7,7 +7,8 @@ Tune adds what the grid needs around it:
     trains its full schedule, as the paper's Table II compares finished trainings);
   - per-trial resources from the grid settings (`tune.with_resources`: CPUs for data loading, a GPU
     fraction so several small trainings share one GPU) and a cap on concurrent trials;
-  - retries of errored trials (`FailureConfig(max_failures=grid.max_retries)`) within a run;
+  - retries of errored trials (`FailureConfig(max_failures=grid.max_retries)`) within a run, but not of a
+    UserError: the trainable reports it as the trial's result, and the stage raises it, unretried;
   - its experiment (state, per-trial reports) under the run's store (local or S3), for the trials
     this run trains.
 Resuming is t2id.resume's, per trial: a trial publishes its result (`layout.grid.result`) and then
@@ -25,6 +26,7 @@ from typing import Any
 
 from t2id import layout
 from t2id.errors import UserError
+from t2id.events import Advance
 from t2id.grid.settings import GridSettings
 from t2id.resume import Memo, memoized
 from t2id.store import Store, ray_storage
@@ -36,6 +38,7 @@ TrialFn = Callable[[dict[str, Any], GridSettings, Store, str], dict[str, Any]]
 class TuneOutcome:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial name -> trial_fn output
     errors: dict[str, str] = field(default_factory=dict)  # trial name -> error text
+    user_errors: dict[str, str] = field(default_factory=dict)  # trial name -> its UserError's message (not retried)
     reused: int = 0  # trials whose published result was still valid (not trained again)
 
 
@@ -64,7 +67,13 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
         store.write_text(key, json.dumps(output, sort_keys=True))
         return [key]
 
-    memoized(trial_memo(store, trial, force), train)
+    try:
+        memoized(trial_memo(store, trial, force), train)
+    except UserError as exc:
+        # Tune retries every trial error grid.max_retries times (it has no per-exception policy); a bad input
+        # fails the same way each time. So a UserError ends the trial normally, reported, and run_trials raises it.
+        tune.report({"t2id_trial": trial["name"], "t2id_user_error": str(exc)})
+        return
     output = json.loads(store.read_text(key))
     map50_95 = output.get("overall", {}).get("map50_95")  # null when NaN (JSON has none)
     tune.report({
@@ -78,12 +87,52 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
     })
 
 
+def trial_progress(advance: Advance) -> Any:
+    """A Tune callback (it runs on the driver) that feeds the grid's progress bar: trials finished, and
+    as its status the trials running, failed, and the best mAP50-95 so far."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.running: set[str] = set()
+            self.failed = 0
+            self.best: float | None = None
+
+        def status(self) -> str:
+            parts = [f"{len(self.running)} running"] + ([f"{self.failed} failed"] if self.failed else [])
+            if self.best is not None:
+                parts.append(f"best mAP50-95 {self.best:.3f}")
+            return ", ".join(parts)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.running.add(trial.trial_id)
+            advance(0, self.status())
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            value = result.get("map50_95")
+            if isinstance(value, float) and value == value and (self.best is None or value > self.best):
+                self.best = value
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.running.discard(trial.trial_id)
+            advance(1, self.status())
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.running.discard(trial.trial_id)
+            self.failed += 1
+            advance(0, self.status())
+
+    return TrialProgress()
+
+
 def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, settings: GridSettings,
-               cache_dir: str, force: bool = False, verbose: int = 1) -> TuneOutcome:
+               cache_dir: str, force: bool = False, verbose: int = 0,
+               progress: Advance | None = None) -> TuneOutcome:
     """Run every trial without a valid memo on Ray Tune (Ray must be initialized); collect all results.
 
     Each trial dict needs `name` (unique, folder-safe), `fold`, `strategy`, `seed` and `identity`; everything
-    else is passed through to `trial_fn`. `force` trains every trial again.
+    else is passed through to `trial_fn`. `force` trains every trial again. `verbose` is Tune's own console
+    reporter (0: none; the `progress` bar counts trials instead).
     """
     from ray import tune
 
@@ -93,6 +142,8 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
     outcome = TuneOutcome()
     pending = [t for t in trials if not trial_memo(store, t, force).done()]
     outcome.reused = len(trials) - len(pending)
+    if progress is not None:
+        progress(outcome.reused)
     if pending:
         grid = settings.grid
         storage_path, filesystem = ray_storage(store, layout.grid.root)
@@ -119,24 +170,33 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=grid.max_retries),
                 verbose=verbose,
+                callbacks=[trial_progress(progress)] if progress is not None else None,
             ),
         )
         for result in tuner.fit():
             name = result.config["trial"]["name"] if result.config else "?"
             if result.error is not None:
                 outcome.errors[name] = f"{type(result.error).__name__}: {result.error}".strip()
+            elif (result.metrics or {}).get("t2id_user_error"):
+                outcome.user_errors[name] = str(result.metrics["t2id_user_error"])
     for trial in trials:
         name = trial["name"]
         if trial_memo(store, trial).done():
             key = layout.grid.result(trial["fold"], trial["strategy"], trial["seed"])
             outcome.results[name] = json.loads(store.read_text(key))
             outcome.errors.pop(name, None)
-        elif name not in outcome.errors:
+            outcome.user_errors.pop(name, None)
+        elif name not in outcome.errors and name not in outcome.user_errors:
             outcome.errors[name] = "the trial ended without publishing a result"
     return outcome
 
 
 def raise_on_errors(outcome: TuneOutcome, max_retries: int) -> None:
+    if outcome.user_errors:  # the user's to fix: its own message first
+        name, message = next(iter(outcome.user_errors.items()))
+        others = f" and {len(outcome.user_errors) - 1} more" if len(outcome.user_errors) > 1 else ""
+        raise UserError(f"{message} (grid trial {name}{others}; not retried: fix it and rerun, finished trials "
+                        "are kept)")
     if outcome.errors:
         first = next(iter(outcome.errors.items()))
         detail = first[1].strip().splitlines()[-1] if first[1].strip() else "unknown error"

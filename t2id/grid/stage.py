@@ -41,7 +41,8 @@ def run_grid(ctx: StageContext, s: GridSettings, trial_fn: TrialFn) -> StageResu
             # (On a cluster an autoscaler may add the nodes, so no check there.)
             _check_resources(s.grid.cpus_per_trial, s.grid.gpus_per_trial)
         cache_dir = str(Path(ctx.cache_dir).expanduser().resolve())  # Tune workers run in their trial dir
-        outcome = run_trials(trials, trial_fn, ctx.store, s, cache_dir, force=ctx.force)
+        with ctx.events.progress("grid: trials", len(trials)) as advance:
+            outcome = run_trials(trials, trial_fn, ctx.store, s, cache_dir, force=ctx.force, progress=advance)
         raise_on_errors(outcome, s.grid.max_retries)
         results, reused = outcome.results, outcome.reused
     trials_table, curves_table = tables(trials, results, skipped, list(s.grid.strategies), classes)

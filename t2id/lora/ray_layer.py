@@ -13,7 +13,8 @@ The loop itself is `t2id.lora.train.fit`; this module adds what needs Ray:
   - FailureConfig(lora.max_failures): when a worker dies, Ray Train restarts the worker group and
     `train_func` resumes from `ray.train.get_checkpoint()`. A rerun of the stage with the same
     inputs uses the same run name and storage path, so Ray Train restores the run's checkpoint
-    state from storage and resumes as well.
+    state from storage and resumes as well. A UserError in a worker is not retried
+    (`no_retry_of_user_errors`): fit() fails at once with it.
 Outputs (rank 0, written to the run store at the end): the adapter, the training log, and
 validation images after epochs; every rank also writes which examples it processed and the
 digest of its final adapter weights (`layout.lora.rank(fold, r)`), so DDP agreement is checkable.
@@ -122,6 +123,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 3. Hooks: checkpoint + report every K steps (and after the last), validation images after epochs.
     def after_step(state: TrainState, row: dict[str, Any]) -> None:
+        if rank == 0 and config.get("progress") is not None:  # the driver's progress bar (fire and forget)
+            config["progress"].set.remote(f"fold={fold}", state.step)
         last = state.step == schedule.total_steps
         if state.step % cfg.checkpoint_every_steps and not last:
             return
@@ -154,9 +157,10 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig, seed: int, cache_dir: Path,
-               run_name: str, endpoint_url: str | None = None):
+               run_name: str, endpoint_url: str | None = None, progress: Any = None):
     """Train fold `fold`'s adapter with Ray Train (Ray must be initialized); outputs land under
-    layout.lora.fold(fold), checkpoints under layout.lora.ray_run(run_name). Returns Ray's Result."""
+    layout.lora.fold(fold), checkpoints under layout.lora.ray_run(run_name). Returns Ray's Result.
+    `progress`: a t2id.raycluster.progress_relay handle that rank 0 tells its optimizer step."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -167,7 +171,7 @@ def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"lora": cfg, "store": store, "fold": fold, "seed": seed, "examples": examples,
-                           "cache_dir": str(cache_dir), "endpoint_url": endpoint_url},
+                           "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -175,7 +179,30 @@ def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[no_retry_of_user_errors()],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
     return trainer.fit()
+
+
+def no_retry_of_user_errors() -> Any:
+    """A Ray Train callback that ends a run at a worker's UserError instead of retrying it.
+
+    Ray Train's failure policy restarts the worker group after any worker error, lora.max_failures times, and
+    each restart reloads the model: a missing base model took minutes of identical failures. A bad input fails
+    the same way every time. The callback runs on the Train controller after the workers' errors are polled;
+    what it raises is a controller error, which the policy does not retry, so fit() raises at once a
+    ControllerError holding the UserError (t2id.errors.one_line prints it as one line). Worker deaths and
+    other errors are still retried."""
+    from ray.train import UserCallback
+
+    from t2id.errors import UserError
+
+    class NoRetryOfUserErrors(UserCallback):
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for rank in sorted(worker_exceptions):
+                if isinstance(worker_exceptions[rank], UserError):
+                    raise worker_exceptions[rank]
+
+    return NoRetryOfUserErrors()

@@ -22,6 +22,7 @@ from pathlib import Path
 from t2id import layout
 from t2id.data.manifest import fold_ids, load_classes, load_fold_rows, select_folds
 from t2id.errors import UserError
+from t2id.events import Advance
 from t2id.lora.data import Example, select_examples
 from t2id.lora.settings import LoraSettings, settings
 from t2id.resume import Memo, memoized
@@ -61,11 +62,21 @@ def fold_memo(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples
     return Memo(ctx.store, layout.memo(layout.lora.fold(fold)), identity, ignore=ctx.force)
 
 
+def fold_steps(s: LoraSettings, n_examples: int) -> int | None:
+    """Optimizer steps of a fold's training (None when its images cannot fill a batch: training says why)."""
+    from t2id.lora.train import make_schedule
+
+    try:
+        return make_schedule(n_examples, s.lora, s.lora.num_workers).total_steps
+    except ValueError:
+        return None
+
+
 def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples: list[Example],
-                   memo: Memo) -> list[str]:
-    """Train the fold's adapter on Ray; return the fold's output keys."""
+                   memo: Memo, advance: Advance | None = None) -> list[str]:
+    """Train the fold's adapter on Ray; return the fold's output keys. `advance` counts optimizer steps."""
     from t2id.lora.ray_layer import train_fold
-    from t2id.raycluster import ensure_ray
+    from t2id.raycluster import ensure_ray, progress_relay
 
     store = ctx.store
     store.write_text(layout.lora.train_ids(fold), json.dumps({
@@ -77,8 +88,9 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
     if ctx.force:  # retrain from scratch: Ray Train would otherwise restore this run's last checkpoint
         store.delete_prefix(layout.lora.ray_run(run_name))
     ensure_ray(ctx.cluster)
-    train_fold(store, fold, examples, s.lora, seed, Path(ctx.cache_dir), run_name=run_name,
-               endpoint_url=ctx.endpoint_url)
+    with progress_relay(advance or (lambda n=1, status=None: None)) as relay:
+        train_fold(store, fold, examples, s.lora, seed, Path(ctx.cache_dir), run_name=run_name,
+                   endpoint_url=ctx.endpoint_url, progress=relay)
     return [layout.lora.adapter(fold), layout.lora.train_ids(fold), layout.lora.train_log(fold)]
 
 
@@ -88,21 +100,27 @@ def run(ctx: StageContext, s: LoraSettings) -> StageResult:
     targets = [(t.name, list(t.prompts)) for t in s.lora.target_classes]
     outputs: dict[str, str] = {}
     summary: dict[str, object] = {"folds": {}}
-    for fold in select_folds(store, s.lora.folds, "lora.folds"):
-        examples = fold_examples(store, fold, class_names, targets)
-        seed = fold_seed(s.run_seed, fold, s.lora.seed)
-        memo = fold_memo(ctx, s, fold, seed, examples)
-        _, reused = memoized(memo, lambda: train_one_fold(ctx, s, fold, seed, examples, memo))
-        if reused:
-            ctx.events.info(f"lora: fold {fold} is up to date, reusing its adapter")
-        # Published: everything the fold wrote but the per-rank records and the memo itself.
-        for key in store.list(layout.lora.fold(fold)):
-            if not key.startswith(layout.lora.ranks(fold) + "/") and key != memo.key:
-                outputs[key] = store.sha256(key)
-        log = store.read_table(layout.lora.train_log(fold)).to_pylist()
-        summary["folds"][str(fold)] = {"images": len(examples), "steps": len(log), "reused": reused,
-                                       "first_loss": round(log[0]["loss"], 5) if log else None,
-                                       "last_loss": round(log[-1]["loss"], 5) if log else None}
+    folds = select_folds(store, s.lora.folds, "lora.folds")
+    examples_of = {fold: fold_examples(store, fold, class_names, targets) for fold in folds}
+    steps = {fold: fold_steps(s, len(examples)) for fold, examples in examples_of.items()}
+    total = None if None in steps.values() else sum(steps.values())
+    with ctx.events.progress("lora: optimizer steps, all folds", total) as advance:
+        for fold in folds:
+            examples = examples_of[fold]
+            seed = fold_seed(s.run_seed, fold, s.lora.seed)
+            memo = fold_memo(ctx, s, fold, seed, examples)
+            _, reused = memoized(memo, lambda: train_one_fold(ctx, s, fold, seed, examples, memo, advance))
+            if reused:
+                advance(steps[fold] or 0)
+                ctx.events.info(f"lora: fold {fold} is up to date, reusing its adapter")
+            # Published: everything the fold wrote but the per-rank records and the memo itself.
+            for key in store.list(layout.lora.fold(fold)):
+                if not key.startswith(layout.lora.ranks(fold) + "/") and key != memo.key:
+                    outputs[key] = store.sha256(key)
+            log = store.read_table(layout.lora.train_log(fold)).to_pylist()
+            summary["folds"][str(fold)] = {"images": len(examples), "steps": len(log), "reused": reused,
+                                           "first_loss": round(log[0]["loss"], 5) if log else None,
+                                           "last_loss": round(log[-1]["loss"], 5) if log else None}
     return StageResult(outputs=outputs, summary=summary)
 
 

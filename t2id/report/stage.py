@@ -10,14 +10,22 @@ from typing import Any
 
 from t2id import layout
 from t2id.report.build import build_report
-from t2id.report.html import Figure, to_html, to_markdown
+from t2id.report.html import Figure, Table, to_html, to_markdown
 from t2id.report.settings import ReportSettings, settings
 from t2id.runner import Stage, StageContext, StageResult
+
+TABLE_II_CSV = "table_ii.csv"  # t2id.report.build names Table II's block after its CSV
 
 
 def run(ctx: StageContext, s: ReportSettings) -> StageResult:
     store, title = ctx.store, s.report.title
     blocks, csvs = build_report(store, s)
+    for block in blocks:  # the headline numbers on the console too: a strategy per row, means only
+        if isinstance(block, Table) and block.csv_name == TABLE_II_CSV:
+            frame = block.frame  # index: classes; columns: strategies; cells "mean ± std"
+            rows = [[strategy, *(str(v).split(" ± ")[0] for v in frame[strategy])] for strategy in frame.columns]
+            ctx.events.table(f"{block.caption.split(',')[0]}, mean over folds (std and tests in the report)",
+                             ["strategy", *(str(c) for c in frame.index)], rows)
     outputs: dict[str, str] = {}
     for block in blocks:
         if isinstance(block, Figure):

@@ -163,13 +163,23 @@ def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
     """Per fold x class from label/fold=<k>/labels.parquet: generated, rejections by gate, images used.
 
     teacher_rejection_rate = teacher-gate rejections / images that reached the teacher (not rejected
-    by generate's quality gate before); used = kept with at least one box (what *_sdxl trials train on).
+    by generate's quality gate before); topped_up = candidates made by label's top-up rounds after its
+    rejections; used = kept with at least one box (what *_sdxl trials train on); target and shortfall
+    from the label stage's per-class counts (schema metadata), when recorded.
     """
+    from t2id.label.stage import CLASS_COUNTS_KEY
+
     rows = []
     for fold in _folds(store):
-        labels = _read(store, layout.label.labels(fold))
-        if labels is None or labels.empty or "class_id" not in labels:
+        key = layout.label.labels(fold)
+        if not store.exists(key):
             continue
+        table = store.read_table(key)
+        labels = table.to_pandas()
+        if labels.empty or "class_id" not in labels:
+            continue
+        metadata = table.schema.metadata or {}
+        targets = {int(c["class_id"]): c for c in json.loads(metadata.get(CLASS_COUNTS_KEY, b"[]"))}
         labels = labels.assign(kind=[_reject_kind(r) if not k else "" for r, k in
                                      zip(labels.get("reject_reason", pd.Series([None] * len(labels))),
                                          labels["kept"].fillna(False))])
@@ -185,7 +195,10 @@ def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
                 "teacher_rejection_rate": round(teacher / reached, 3) if reached else float("nan"),
                 "memorization_rejected": int((part["kind"] == "memorization").sum()),
                 "memorization_flagged": int(part["memorized"].fillna(False).sum()) if "memorized" in part else 0,
+                "topped_up": int((part["round"].fillna(0) > 0).sum()) if "round" in part else 0,
                 "used": used,
+                "target": targets.get(int(cid), {}).get("target", float("nan")),
+                "shortfall": targets.get(int(cid), {}).get("shortfall", float("nan")),
                 "label_source": ", ".join(str(v) for v in dict.fromkeys(part.get("label_source", pd.Series()).dropna()))
                                 or "not recorded",
             })
@@ -296,9 +309,13 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
         blocks.append(Para(
             "Synthetic images per fold and class (label stage): generated, rejected by generate's quality gate, "
             f"by the teacher gate (overall rejection rate {rate:.1%} of the images that reached it; per class "
-            "below) and by the memorization check, and the images actually used for training (kept with boxes). "
+            "below) and by the memorization check; the candidates label's top-up rounds made after those "
+            "rejections (until the target was used or label.max_attempts_factor x target were tried); the images "
+            "actually used for training (kept with boxes) and the shortfall against the target. "
             f"In total {int(counts_table['used'].sum())} of {int(counts_table['generated'].sum())} generated images "
-            f"were used; {int(counts_table['memorization_rejected'].sum())} were rejected as memorized."))
+            f"were used; {int(counts_table['memorization_rejected'].sum())} were rejected as memorized; "
+            f"{int(counts_table['topped_up'].sum())} were made by top-up; total shortfall "
+            f"{int(counts_table['shortfall'].fillna(0).sum())}."))
         blocks.append(Table("Synthetic images per fold and class: rejections and images used",
                             counts_table.set_index("fold"), "synthetic_images.csv"))
     used = tables.synthetic_per_trial(trials, strategies)

@@ -228,7 +228,9 @@ def test_report_stage_writes_self_contained_html_with_every_figure(store, tmp_pa
     assert not re.search(r"\bhref\s*=", page)
     srcs = re.findall(r'\bsrc\s*=\s*"([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert "<link" not in page and "<script" not in page and "@import" not in page
+    assert "<link" not in page and "@import" not in page
+    assert not re.search(r"<script[^>]*\bsrc", page) and page.count("<script>") == 1  # the inline sort script only
+    assert 'class="best"' in page  # Table II marks the best strategy per class
     figures = [k for k in store.list(layout.report.root) if k.endswith(".png")]
     names = {k.rsplit("/", 1)[-1] for k in figures}
     assert {"class_distribution.png", "samples.png", "pr_curves.png", "per_class.png", "memorization.png"} <= names

@@ -338,7 +338,8 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
 
     blocks.append(Heading(f"Detection results ({label}, Table II layout)"))
     blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds and seeds (sample std, ddof=1); "
-                        f"{n_text}", tables.paper_headers(table), "table_ii.csv"))
+                        f"{n_text}; the best mean per class is highlighted", tables.paper_headers(table),
+                        "table_ii.csv", best="max"))
     trained = tables.ok_rows(trials, metric)
     if not trained.empty and float(trained[metric].max()) == 0.0:
         blocks.append(Para(f"Every {label} is 0: no detector found any object on its validation fold. The "
@@ -381,21 +382,29 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
     else:
         png = figures.class_distribution(counts) if counts is not None else None
     if png is not None:
-        blocks.append(Figure("Fig. 2: instances and images per class (real data)", "class_distribution.png", png))
+        blocks.append(Figure("Fig. 2: instances and images per class (real data). Look for the long tail: the rare classes "
+                             "(few instances) are the ones synthetic images and class-aware sampling target.",
+                             "class_distribution.png", png))
     rare = rare_classes(s, classes, counts)
     sheets = contact_sheets(store, s)
     if sheets:
         for key in sheets:
-            blocks.append(Figure(f"Fig. 3: real vs synthetic ({key})", key.replace("/", "_"), store.read_bytes(key)))
+            blocks.append(Figure(f"Fig. 3: real (left) vs synthetic (right) images of one class and fold ({key}). Look "
+                                 "for the class's shape and echo texture in the synthetic column, and for exact "
+                                 "copies of real images (memorization).", key.replace("/", "_"),
+                                 store.read_bytes(key)))
     else:
         rows = sample_rows(store, classes, rare, cfg.samples_per_class)
         if rows:
             blocks.append(Figure("Fig. 3: real vs synthetic images of the rare classes", "samples.png",
                                  figures.sample_sheet(rows)))
     if curves is not None and not curves.empty and rare:
-        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds and seeds)",
+        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds and seeds, IoU 0.5). "
+                             "Look for curves above the baseline's: more of the rare class found at the same "
+                             "precision.",
                              "pr_curves.png", figures.pr_curves(curves, rare, strategies)))
-    blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text})",
+    blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text}). Look "
+                         "for bars above the baseline's on the rare classes, and whether the error bars overlap.",
                          "per_class.png", figures.per_class_bars(stats, strategies, [ALL, *classes], label)))
 
     # The label stage draws this figure (label/memorization_hist.png); redraw it with the same code only
@@ -411,7 +420,8 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
             png = histogram_png(pd.concat(similarity).to_numpy(dtype=float), s.memorization_threshold)
     if png is not None:
         blocks.append(Figure("Memorization check: similarity of each synthetic image to its nearest real "
-                             "training image", "memorization.png", png))
+                             "training image. Look for mass near the threshold line: images right of it are "
+                             "flagged as copies of a training image.", "memorization.png", png))
     metrics = _read(store, layout.evaluate.metrics)
     if metrics is not None and not metrics.empty:
         csvs["image_metrics.csv"] = metrics

@@ -161,6 +161,22 @@ class _Label:
     def inpaint_record(self, fold: int, class_name: str, name: str) -> str:
         return f"{self.inpaint_records(fold)}/{slug(class_name)}/{name}.json"
 
+    def topup(self, fold: int) -> str:
+        """The teacher's top-up images (text-to-image after label's rejections), laid out like generate's."""
+        return f"{self.fold(fold)}/topup"
+
+    def topup_images(self, fold: int) -> str:
+        return f"{self.topup(fold)}/images"
+
+    def topup_records(self, fold: int) -> str:
+        return f"{self.topup(fold)}/records"
+
+    def topup_image(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.topup_images(fold)}/{slug(class_name)}/{name}.png"
+
+    def topup_record(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.topup_records(fold)}/{slug(class_name)}/{name}.json"
+
 
 class _Evaluate:
     root = "evaluate"

@@ -19,6 +19,7 @@ from t2id.errors import ConfigError
 from t2id.label.memorization import WORK_SIDE, grey, nearest_neighbours, score_rows
 from t2id.detect.config import DetectorConfig
 from t2id.label.settings import settings
+from t2id.label.stage import CLASS_COUNTS_KEY, topup_ranges
 from t2id.label.teacher import REJECT_NOT_FOUND, PredBox, gate_boxes, train_teacher
 from t2id.runner import run_pipeline, settings_hash
 from t2id.store import open_store
@@ -40,6 +41,7 @@ def make_config(tmp, **label) -> dict:
         "generate": {"images_per_class": 2, "width": 64, "height": 64, "steps": 3, "concurrency": 1,
                      "batch_size": 2},
         "grid": {"detector": TINY_DETECTOR},
+        "lora": {"base_model": "tiny"},  # top-up rounds draw with the tiny SDXL (lora not run: no adapter)
         "label": label,
     }
 
@@ -80,7 +82,13 @@ def test_settings_hold_the_cross_section_inputs_of_the_labeler_in_use():
     teacher = {"method": "teacher"}
     assert settings(validate_config({"label": teacher})).teacher_detector == validate_config({}).grid.detector
     assert digest(label=teacher, grid={"detector": {"epochs": 3}}) != digest(label=teacher)
-    assert digest(label=teacher, generate={"steps": 3}) == digest(label=teacher)  # generate's marker covers it
+    # the teacher's top-up draws with generate's generator and sampling, but not its folds or contact sheets
+    assert digest(label=teacher, generate={"steps": 3}) != digest(label=teacher)
+    for unused in ({"generate": {"folds": [0]}}, {"generate": {"contact_sheet_thumb": 64}}):
+        assert digest(label=teacher, **unused) == digest(label=teacher), unused
+    no_topup = {**teacher, "max_attempts_factor": 1.0}  # without top-up, generate's marker covers its settings
+    assert settings(validate_config({"label": no_topup})).topup is None
+    assert digest(label=no_topup, generate={"steps": 3}) == digest(label=no_topup)
     own = {**teacher, "teacher": {"detector": {"epochs": 5}}}  # the teacher's own detector: grid's no longer matters
     assert digest(label=own, grid={"detector": {"epochs": 3}}) == digest(label=own)
 
@@ -158,6 +166,21 @@ def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phan
     assert copy["memorized"] is True and copy["nn_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert copy["nn_image_id"] == train[0]["image_id"]
     assert by_name["flat"]["memorized"] is False
+
+    # Top-up after label's rejections: the tiny SDXL draws noise, which the teacher rightly rejects, so every
+    # target class gets new candidates (under label/fold=0/topup/, seeds of their own) until
+    # ceil(max_attempts_factor 2 x target 2) = 4 were tried; the shortfall is what is left.
+    counts = {c["class"]: c for c in json.loads(labels.schema.metadata[CLASS_COUNTS_KEY])}
+    assert counts["vocal fold"]["rows"] == 4 and counts["vocal fold"]["topped_up"] == 1
+    assert counts["tracheal ring"]["rows"] == 4 and counts["tracheal ring"]["topped_up"] == 4
+    topup = [r for r in labels.to_pylist() if r["round"] > 0]
+    assert len(topup) == 5 and all(r["uri"].startswith(store.uri("label/fold=0/topup/images/")) for r in topup)
+    assert all(store.exists(store.key_of(r["uri"])) and r["label_source"] in ("teacher", None) for r in topup)
+    assert len({r["seed"] for r in topup}) == 5 and all(r["seed"] is not None for r in topup)
+    for c in counts.values():
+        assert c["used"] + c["shortfall"] == 2 and c["used"] == sum(
+            1 for r in labels.to_pylist() if r["class_id"] == c["class_id"] and r["kept"] and r["boxes"])
+    assert facts["topup_rounds"] >= 1 and facts["topped_up"] == 5
 
     # The teacher never saw fold 0's validation images: its data yaml validates on the TRAIN split.
     teacher_yaml = next((tmp / "cache" / "label-teacher").glob("fold0-*/teacher-data.yaml"))
@@ -245,8 +268,8 @@ def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(ph
     run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
     table = store.read_table("label/fold=1/labels.parquet")
     labels = table.to_pylist()
-    assert len(labels) == 2  # 2 target classes x label.inpaint.images_per_class 1
-    from t2id.label.stage import CLASS_COUNTS_KEY
+    assert len(labels) == 2  # 2 target classes x label.inpaint.images_per_class 1; nothing rejected: no top-up
+    assert all(r["round"] == 0 for r in labels)
     counts = json.loads(table.schema.metadata[CLASS_COUNTS_KEY])  # per-class shortfall, for the report
     assert len(counts) == 2 and all(c["target"] == 1 and c["rows"] == 1 for c in counts)
     assert all(c["used"] + c["shortfall"] == 1 and c["used"] + c["rejected_gate"] + c["rejected_memorization"]
@@ -287,6 +310,54 @@ def test_class_counts_show_the_shortfall_after_label_rejections():
             + [{"class_id": 1, "kept": True, "boxes": [], "reject_reason": None}]
             + [{"class_id": 0, "kept": True, "boxes": box, "reject_reason": None}] * 4)
     by_class = {c["class"]: c for c in class_counts(rows, ["a", "b"], target=4)}
+    rows[1] = {**rows[1], "round": 1}  # made by a top-up round
+    by_class = {c["class"]: c for c in class_counts(rows, ["a", "b"], target=4)}
     assert by_class["b"] == {"class_id": 1, "class": "b", "target": 4, "rows": 5, "rejected_gate": 1,
-                             "rejected_memorization": 1, "kept_without_boxes": 1, "used": 2, "shortfall": 2}
+                             "rejected_memorization": 1, "kept_without_boxes": 1, "topped_up": 1, "used": 2,
+                             "shortfall": 2}
     assert by_class["a"]["used"] == 4 and by_class["a"]["shortfall"] == 0
+
+
+def test_topup_ranges_ask_for_the_shortfall_within_the_attempt_budget():
+    from t2id.generate.plan import PlanClass
+
+    box = [{"class_id": 0, "x": 0.5, "y": 0.5, "w": 0.1, "h": 0.1}]
+    a, b, c = PlanClass("a", 0, ("p",)), PlanClass("b", 1, ("p",)), PlanClass("c", 2, ("p",))
+    good = {"class_id": 0, "kept": True, "boxes": box}
+    rows = ([good] * 2 + [{**good, "kept": False}] * 2  # a: 2 of 4 usable, 4 tried
+            + [{"class_id": 1, "kept": True, "boxes": []}] * 3  # b: 0 of 4 usable, 3 tried
+            + [{"class_id": 2, "kept": True, "boxes": box}] * 4)  # c: done
+    assert topup_ranges(rows, [a, b, c], target=4, budget=8, start_of=len) == {"a": (4, 2), "b": (3, 4)}
+    assert topup_ranges(rows, [a, b, c], target=4, budget=5, start_of=len) == {"a": (4, 1), "b": (3, 2)}
+    assert topup_ranges(rows, [a, b, c], target=4, budget=4, start_of=len) == {"b": (3, 1)}  # a: budget spent
+
+
+def test_inpaint_tops_up_after_memorization_rejections_then_reports_the_shortfall(phantom_run, ray_local):
+    """Every inpainted image is 'memorized' at threshold -1 and rejected: label makes the next indices of the
+    inpaint plan until ceil(1.5 x 2) = 3 were tried per class, records their rounds, and reports the shortfall.
+    Only the new indices are rendered; a rerun with top-up off removes the top-up images again."""
+    tmp, store = phantom_run
+    label = {"method": "inpaint", "folds": [0], "inpaint": {"images_per_class": 2}, "max_attempts_factor": 1.5,
+             "memorization": {"threshold": -1.0}}
+    cfg = validate_config(make_config(tmp, **label))
+    outcome = run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    facts = outcome[0].summary["folds"]["0"]
+    labels = store.read_table("label/fold=0/labels.parquet").to_pylist()
+    assert facts["topup_rounds"] == 1 and facts["topped_up"] == 2 and facts["usable"] == 0
+    by_class: dict[int, list] = {}
+    for r in labels:
+        by_class.setdefault(r["class_id"], []).append(r)
+    assert sorted(len(v) for v in by_class.values()) == [3, 3]
+    for rows in by_class.values():
+        assert sorted(r["round"] for r in rows) == [0, 0, 1]
+        assert all(r["kept"] is False and r["reject_reason"].startswith("memorized") for r in rows)
+        assert len({r["seed"] for r in rows}) == 3
+    counts = json.loads(store.read_table("label/fold=0/labels.parquet").schema.metadata[CLASS_COUNTS_KEY])
+    assert all(c["shortfall"] == 2 and c["topped_up"] == 1 and c["rows"] == 3 for c in counts)
+    assert len(store.list("label/fold=0/inpaint/images")) == 6
+
+    cfg = validate_config(make_config(tmp, **{**label, "max_attempts_factor": 1.0}))
+    outcome = run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    facts = outcome[0].summary["folds"]["0"]
+    assert facts["topup_rounds"] == 0 and facts["made"] == 0 and facts["removed_stale"] == 4  # 2 PNG + 2 JSON
+    assert len(store.list("label/fold=0/inpaint/images")) == 4

@@ -22,6 +22,7 @@ from t2id import layout
 from t2id.config import validate_config
 from t2id.data.manifest import IMAGE_SCHEMA
 from t2id.detect import coco_map
+from t2id.label.stage import CLASS_COUNTS_KEY, class_counts
 from t2id.report import image_bootstrap, tables
 from t2id.runner import StageContext
 
@@ -192,9 +193,12 @@ def _fill_run(store, trials: pd.DataFrame | None = None) -> None:
             store.write_bytes(key, _png(200 - 30 * j))
             synth.append({"uri": store.uri(key), "class_id": 2, "kept": kept is True,
                           "boxes": box if kept is True or kept == "memorized" else [], "reject_reason": reason,
-                          "label_source": "teacher", "nn_similarity": 0.5 + 0.08 * j, "memorized": kept == "memorized"})
+                          "label_source": "teacher", "nn_similarity": 0.5 + 0.08 * j, "memorized": kept == "memorized",
+                          "round": int(j >= 4)})  # the last two came from a top-up round
         store.write_table(layout.generate.manifest(fold), pa.Table.from_pylist(synth))
-        store.write_table(layout.label.labels(fold), pa.Table.from_pylist(synth))
+        counts = json.dumps(class_counts(synth, CLASSES, target=4))
+        store.write_table(layout.label.labels(fold), pa.Table.from_pylist(synth).replace_schema_metadata(
+            {CLASS_COUNTS_KEY: counts}))
     store.write_table(layout.evaluate.metrics, pa.Table.from_pylist(
         [{"fold": 0, "class": "vocal fold", "fid": 12.5, "kid": 0.01, "clip_score": 28.1}]))
     trials = trials_table(store=store) if trials is None else trials
@@ -224,7 +228,9 @@ def test_report_stage_writes_self_contained_html_with_every_figure(store, tmp_pa
     assert not re.search(r"\bhref\s*=", page)
     srcs = re.findall(r'\bsrc\s*=\s*"([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert "<link" not in page and "<script" not in page and "@import" not in page
+    assert "<link" not in page and "@import" not in page
+    assert not re.search(r"<script[^>]*\bsrc", page) and page.count("<script>") == 1  # the inline sort script only
+    assert 'class="best"' in page  # Table II marks the best strategy per class
     figures = [k for k in store.list(layout.report.root) if k.endswith(".png")]
     names = {k.rsplit("/", 1)[-1] for k in figures}
     assert {"class_distribution.png", "samples.png", "pr_curves.png", "per_class.png", "memorization.png"} <= names
@@ -266,6 +272,7 @@ def test_report_stage_writes_self_contained_html_with_every_figure(store, tmp_pa
     fold0 = counts[counts["fold"] == 0].iloc[0]
     assert (fold0["class"], fold0["generated"], fold0["quality_rejected"], fold0["teacher_rejected"],
             fold0["memorization_rejected"], fold0["used"]) == ("vocal fold", 6, 1, 2, 1, 2)
+    assert (fold0["topped_up"], fold0["target"], fold0["shortfall"]) == (2, 4, 2)
     assert fold0["teacher_rejection_rate"] == pytest.approx(0.4)
     per_trial = pd.read_csv(io.StringIO(store.read_text(layout.report.table("synthetic_per_trial.csv"))))
     assert list(per_trial["cas"]) == [6, 6]

@@ -98,11 +98,14 @@ def params_digest(prompt: str, seed: int, params: GenParams) -> str:
 
 
 def plan_rows(run_seed: int, fold: int, cls: PlanClass, params: GenParams, start: int, count: int,
-              round_: int = 0) -> list[dict]:
-    """Rows for indices [start, start + count) of one (fold, class); prompts cycle over the index."""
+              round_: int = 0, seed_namespace: str = "") -> list[dict]:
+    """Rows for indices [start, start + count) of one (fold, class); prompts cycle over the index.
+
+    `seed_namespace` prefixes the class name in the seed derivation, so another stage drawing with the
+    same generator (label's top-up) gets seeds of its own instead of repeating generate's images."""
     rows = []
     for index in range(start, start + count):
-        seed = derive_seed(run_seed, fold, cls.name, index)
+        seed = derive_seed(run_seed, fold, seed_namespace + cls.name, index)
         prompt = cls.prompts[index % len(cls.prompts)]
         name = image_name(fold, cls.name, index, seed)
         rows.append({

@@ -91,6 +91,14 @@ class LabelConfig(Section):
     )
     folds: list[int] | None = Field(None, description="Folds to label (default: every fold generate produced).")
     seed: int | None = Field(None, ge=0, description="Teacher training / inpaint source choice seed (default: run.seed).")
+    max_attempts_factor: float = Field(
+        2.0, ge=1.0,
+        description="Top-up after label's rejections: while a fold's class has fewer usable images (kept with "
+        "boxes) than its target, new candidates are made (teacher: text-to-image with the fold's generator, under "
+        "label/fold=<k>/topup/; inpaint: more inpainted images) and labelled, until the target is reached or "
+        "ceil(max_attempts_factor x target) candidates were tried (teacher: generate's images count). A class still "
+        "short is reported with its shortfall. 1 turns top-up off.",
+    )
     teacher: TeacherConfig = TeacherConfig()
     inpaint: InpaintConfig = InpaintConfig()
     memorization: MemorizationConfig = MemorizationConfig()

@@ -122,9 +122,12 @@ class InpaintGenerator(ImageGenerator):
         return images
 
 
-def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], lora_sha256: str
-                 ) -> list[dict]:
-    """Step 1: the plan rows of the fold (deterministic from the settings and the fold's train rows)."""
+def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], lora_sha256: str,
+                 ranges: dict[str, tuple[int, int]] | None = None, round_: int = 0) -> list[dict]:
+    """Step 1: the plan rows of the fold (deterministic from the settings and the fold's train rows).
+
+    `ranges` (class name -> (first index, count)) plans a top-up round; default: indices 0..N-1 of every
+    class. An index always gets the same seed, source and mask, whichever round plans it."""
     assert s.inpainting is not None
     gen, inp = s.inpainting, s.label.inpaint
     g = gen.generate
@@ -135,7 +138,8 @@ def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
         candidates = [r for r in train if any(b["class_id"] == cls.class_id for b in r["boxes"] or [])]
         if not candidates:
             continue  # the stage reports classes without a source image
-        for index in range(g.images_per_class):
+        start, count = (0, g.images_per_class) if ranges is None else ranges.get(cls.name, (0, 0))
+        for index in range(start, start + count):
             seed = derive_seed(gen.run_seed, fold, f"inpaint:{cls.name}", index)
             source = candidates[seed % len(candidates)]
             rects = mask_rects(source["boxes"], cls.class_id, inp.box_margin)
@@ -145,7 +149,8 @@ def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
                 "generate": params_digest(prompt, seed, params), "source": source["sha256"], "rects": rects,
                 "strength": inp.strength, "method": "inpaint-in-box/v1"}, sort_keys=True).encode()).hexdigest()
             rows.append({
-                "fold": fold, "class_id": cls.class_id, "class_name": cls.name, "index": index, "seed": seed,
+                "fold": fold, "class_id": cls.class_id, "class_name": cls.name, "index": index, "round": round_,
+                "seed": seed,
                 "prompt": prompt, "negative_prompt": g.negative_prompt, "name": name,
                 "key": layout.label.inpaint_image(fold, cls.name, name),
                 "record_key": layout.label.inpaint_record(fold, cls.name, name),
@@ -157,8 +162,10 @@ def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
 
 
 def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], executor: Executor,
-                 events: Events | None = None) -> tuple[list[dict], dict[str, Any]]:
-    """Steps 1-4 for one fold, idempotent: (rows for labels.parquet, summary facts).
+                 events: Events | None = None, ranges: dict[str, tuple[int, int]] | None = None, round_: int = 0
+                 ) -> tuple[list[dict], dict[str, Any]]:
+    """Steps 1-4 for one fold (one round: `ranges` as in plan_inpaint), idempotent: (rows for labels.parquet,
+    summary facts). Each row also carries its plan's `key` and `record_key` (for `remove_stale_inpaint`).
 
     `executor` renders plan rows with `InpaintGenerator` workers (the stage: generate's Ray Data layer)."""
     assert s.inpainting is not None
@@ -169,7 +176,7 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
         raise UserError(f"label.inpaint.strength={s.label.inpaint.strength} x steps={g.steps} leaves no denoising "
                         "step; raise label.inpaint.steps or label.inpaint.strength")
     lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
-    plan = plan_inpaint(store, s, fold, classes, lora_sha256)
+    plan = plan_inpaint(store, s, fold, classes, lora_sha256, ranges, round_)
     records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold))), need_clip=False)
     reused = len(records)
     todo = [r for r in plan if r["key"] not in records]
@@ -177,12 +184,17 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
         def make_record(batch: dict[str, Any], i: int, row: dict) -> dict:
             return record_from_batch(batch, i, row, gen.base_model, g.scheduler, lora_sha256)
 
-        with events.progress(f"label fold {fold}: inpainted images", len(todo)) as advance:
+        what = f"label fold {fold}: inpainted images" + (f" (top-up round {round_})" if round_ else "")
+        with events.progress(what, len(todo)) as advance:
             execute_rows(f"label fold {fold} inpainting", todo, executor, records, make_record, advance)
-    # Objects of an older plan (changed config) would otherwise linger next to the current ones.
-    removed = remove_stale(store, plan, [layout.label.inpaint_images(fold), layout.label.inpaint_records(fold)])
     rows = [inpaint_row(store, row, records[row["key"]], s) for row in plan]
-    return rows, {"planned": len(plan), "made": len(plan) - reused, "reused": reused, "removed": removed}
+    return rows, {"planned": len(plan), "made": len(plan) - reused, "reused": reused}
+
+
+def remove_stale_inpaint(store: Store, fold: int, rows: list[dict]) -> int:
+    """Delete inpainted images/records of the fold that no round of the current plan names (an older
+    config's), so the store holds exactly what labels.parquet lists."""
+    return remove_stale(store, rows, [layout.label.inpaint_images(fold), layout.label.inpaint_records(fold)])
 
 
 def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict:
@@ -201,6 +213,7 @@ def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict
         "base_model": record["base_model"], "lora_sha256": record["lora_sha256"], "entropy": record["entropy"],
         "std": record["std"], "clip_score": None, "kept": verdict.kept,
         "reject_reason": verdict.reject_reason or None, "label_source": "inpaint",
-        "source_image_id": row["source_image_id"], "mask_rects": row["mask_rects"],
+        "source_image_id": row["source_image_id"], "mask_rects": row["mask_rects"], "round": row["round"],
+        "key": row["key"], "record_key": row["record_key"],
     })
     return out

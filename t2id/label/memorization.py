@@ -144,14 +144,16 @@ def load_grey(store: Store, uri: str, side: int = WORK_SIDE) -> np.ndarray:
 
 
 def score_rows(store: Store, rows: list[dict], training: list[dict], feature: str, size: int, threshold: float,
-               reject: bool) -> list[dict]:
+               reject: bool, train_pixels: list[np.ndarray] | None = None) -> list[dict]:
     """Add nn_similarity, nn_image_id and memorized to synthetic rows; reject flagged rows when asked.
 
     An inpainted row (its `mask_rects` set) is compared inside the union of its mask rectangles only.
+    `train_pixels`: the training images already loaded with `load_grey` (top-up rounds reuse them).
     """
     import json
 
-    train_pixels = [load_grey(store, r["uri"]) for r in training]
+    if train_pixels is None:
+        train_pixels = [load_grey(store, r["uri"]) for r in training]
     syn_pixels = [load_grey(store, r["uri"]) for r in rows]
     rects = []
     for r in rows:

@@ -19,30 +19,34 @@ from t2id.label.settings import LabelSettings
 from t2id.store import Store
 
 
-def teacher_task(settings: LabelSettings, store: Store, fold: int, cache_dir: str, force: bool
-                 ) -> tuple[list[dict], dict[str, Any]]:
+def teacher_task(settings: LabelSettings, store: Store, fold: int, cache_dir: str, force: bool,
+                 rows: list[dict] | None = None) -> tuple[list[dict], dict[str, Any]]:
     """The body of one fold's Ray task; its facts say which resources Ray assigned to it."""
     import ray
 
     from t2id.label.teacher import label_fold
 
     s = LabelSettings.model_validate(settings.model_dump())  # re-validated where it arrived
-    rows, facts = label_fold(store, s, fold, Path(cache_dir), force)
+    rows, facts = label_fold(store, s, fold, Path(cache_dir), force, rows)
     return rows, {**facts, "teacher_resources": dict(ray.get_runtime_context().get_assigned_resources())}
 
 
 def teacher_folds(store: Store, s: LabelSettings, folds: list[int], cache_dir: str, force: bool,
-                  events: Events | None = None) -> dict[int, tuple[list[dict], dict[str, Any]]]:
-    """Label each fold's generate manifest with its teacher, one Ray task per fold."""
+                  events: Events | None = None, rows: dict[int, list[dict]] | None = None
+                  ) -> dict[int, tuple[list[dict], dict[str, Any]]]:
+    """Label each fold's generate manifest (or `rows[fold]`: a top-up round) with its teacher, one Ray task
+    per fold."""
     import ray
 
     events = events or LogEvents()
     teacher = s.label.teacher
     gpus = ray_gpus(teacher.device, "label.teacher.device")
-    events.info(f"label: the teacher of fold(s) {folds} trains and predicts in Ray tasks of {teacher.cpus:g} CPU(s)"
-                f"{f' and {gpus:g} GPU' if gpus else ''} each")
+    if rows is None:
+        events.info(f"label: the teacher of fold(s) {folds} trains and predicts in Ray tasks of "
+                    f"{teacher.cpus:g} CPU(s){f' and {gpus:g} GPU' if gpus else ''} each")
     task = ray.remote(teacher_task).options(num_cpus=teacher.cpus, num_gpus=gpus)
-    pending = {task.remote(s, store, fold, cache_dir, force): fold for fold in folds}
+    pending = {task.remote(s, store, fold, cache_dir, force, None if rows is None else rows[fold]): fold
+               for fold in folds}
     results = {}
     with events.progress("label: folds labelled by their teacher", len(folds)) as advance:
         try:

@@ -36,6 +36,8 @@ class LabelSettings(StageSettings):
     inpainting: GenerateSettings | None = None  # generate's settings with label.inpaint overrides; inpaint only
     images_per_class: int | None = None  # generate.images_per_class: the target per fold and class; teacher only
     #                                      (inpaint: inpainting.generate.images_per_class)
+    topup: GenerateSettings | None = None  # generate's settings: the fold's generator makes the teacher's top-up
+    #                                        images; teacher with label.max_attempts_factor > 1 only
 
     @property
     def target_per_class(self) -> int:
@@ -63,11 +65,23 @@ def inpainting_settings(cfg: T2IDConfig, seed: int) -> GenerateSettings:
                                             "run_seed": seed, "folds": None, "clip_weights": None})
 
 
+def topup_settings(cfg: T2IDConfig) -> GenerateSettings:
+    """generate's settings as the teacher's top-up uses them: the same generator and sampling; the folds and
+    contact-sheet fields are reset (label.folds picks folds; no sheets are drawn)."""
+    unused = ("folds", "contact_sheet_images", "contact_sheet_thumb")
+    defaults = {name: GenerateConfig.model_fields[name].default for name in unused}
+    base = generate_settings(cfg)
+    return GenerateSettings.model_validate({**base.model_dump(), "folds": None,
+                                            "generate": cfg.generate.model_copy(update=defaults).model_dump()})
+
+
 def settings(cfg: T2IDConfig) -> LabelSettings:
     lab = cfg.label
     seed = cfg.run.seed if lab.seed is None else lab.seed
     teacher = lab.method == "teacher"
+    topup = teacher and lab.max_attempts_factor > 1
     return LabelSettings(label=lab, seed=seed, use_adapter="lora" in cfg.run.stages,
                          teacher_detector=(lab.teacher.detector or cfg.grid.detector) if teacher else None,
                          inpainting=None if teacher else inpainting_settings(cfg, seed),
-                         images_per_class=cfg.generate.images_per_class if teacher else None)
+                         images_per_class=cfg.generate.images_per_class if teacher else None,
+                         topup=topup_settings(cfg) if topup else None)

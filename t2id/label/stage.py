@@ -9,9 +9,14 @@ Per fold k (label.folds, default every fold; keys from t2id.layout.label):
   2. Memorization: each row's similarity to the nearest image its generator trained on (the lora
      stage's train_ids.json when lora runs; else the fold's real TRAIN images), flag and optionally
      reject.
-  3. labels.parquet: LABELS_SCHEMA rows, rejected ones included with their reason; its schema metadata
+  3. Top-up: while a class has fewer usable images (kept with boxes) than its target, new candidates are
+     made and go through steps 1-2 (teacher: text-to-image with the fold's generator, seeds of their own,
+     under layout.label.topup(k); inpaint: the next indices of the inpaint plan), until the target is
+     reached or ceil(label.max_attempts_factor x target) candidates were tried. Each row records its
+     round (0: the first candidates).
+  4. labels.parquet: LABELS_SCHEMA rows, rejected ones included with their reason; its schema metadata
      (CLASS_COUNTS_KEY) and the summary hold per-class counts: target, rejected by gate / by
-     memorization, used, shortfall (no top-up follows label's rejections).
+     memorization, topped up, used, shortfall (target not reached within the attempt budget).
 Then the memorization histogram over all folds. The grid trains *_sdxl strategies on the kept rows
 with boxes; t2id.data.materialize_fold reads them as they are.
 """
@@ -19,6 +24,8 @@ with boxes; t2id.data.materialize_fold reads them as they are.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from functools import partial
 
 import pyarrow as pa
@@ -28,6 +35,7 @@ from t2id import layout
 from t2id.data.manifest import (SYNTHETIC_SCHEMA, available_folds, load_classes, load_fold_rows, load_manifest,
                                 select_folds)
 from t2id.errors import UserError
+from t2id.generate.plan import PlanClass
 from t2id.label.settings import LabelSettings, settings
 from t2id.runner import Stage, StageContext, StageResult
 from t2id.store import Store
@@ -39,16 +47,18 @@ LABELS_SCHEMA = pa.schema(list(SYNTHETIC_SCHEMA) + [
     pa.field("memorized", pa.bool_()),  # nn_similarity >= label.memorization.threshold
     pa.field("source_image_id", pa.string()),  # inpaint: the real image that was inpainted
     pa.field("mask_rects", pa.string()),  # inpaint: JSON list of normalized [x0, y0, x1, y1] masks
+    pa.field("round", pa.int32()),  # 0: the first candidates; k: the k-th top-up round after label's rejections
 ])
 
 
-CLASS_COUNTS_KEY = b"class_counts"  # labels.parquet schema metadata: JSON list of class_counts() rows
+CLASS_COUNTS_KEY = b"class_counts"
+TOPUP_SEEDS = "label-topup:"  # seed namespace of the teacher's top-up images (generate.plan.plan_rows)  # labels.parquet schema metadata: JSON list of class_counts() rows
 
 
 def class_counts(rows: list[dict], names: list[str], target: int) -> list[dict]:
     """Per class of a fold: what was asked for, made, rejected (by the quality/teacher gate, by the
-    memorization check) and used (kept with boxes: what the detector trains on); shortfall =
-    target - used. No top-up follows label's rejections, so the report shows this instead."""
+    memorization check), made by top-up rounds, and used (kept with boxes: what the detector trains on);
+    shortfall = target - used (left when the attempt budget ran out)."""
     out = []
     for class_id in sorted({int(r["class_id"]) for r in rows}):
         mine = [r for r in rows if r["class_id"] == class_id]
@@ -58,7 +68,8 @@ def class_counts(rows: list[dict], names: list[str], target: int) -> list[dict]:
         out.append({"class_id": class_id, "class": names[class_id] if 0 <= class_id < len(names) else str(class_id),
                     "target": target, "rows": len(mine), "rejected_gate": rejected - memorized,
                     "rejected_memorization": memorized, "kept_without_boxes": sum(1 for r in mine if r["kept"])
-                    - used, "used": used, "shortfall": max(0, target - used)})
+                    - used, "topped_up": sum(1 for r in mine if (r.get("round") or 0) > 0), "used": used,
+                    "shortfall": max(0, target - used)})
     return out
 
 
@@ -100,15 +111,22 @@ def teacher_labels(ctx: StageContext, s: LabelSettings, folds: list[int]) -> dic
     return teacher_folds(ctx.store, s, folds, str(ctx.cache_dir), ctx.force, ctx.events)
 
 
-def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int]) -> dict[int, tuple[list[dict], dict]]:
-    from t2id.generate.plan import plan_classes
+def inpaint_executor(ctx: StageContext, s: LabelSettings, fold: int) -> Callable:
     from t2id.generate.ray_layer import run_ray
-    from t2id.label.inpaint import InpaintGenerator, inpaint_fold
+    from t2id.label.inpaint import InpaintGenerator
+
+    assert s.inpainting is not None
+    return partial(run_ray, worker_cls=InpaintGenerator, settings=s, store=ctx.store, fold=fold,
+                   g=s.inpainting.generate, cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
+
+
+def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classes: list[PlanClass]
+                   ) -> dict[int, tuple[list[dict], dict]]:
+    from t2id.label.inpaint import inpaint_fold
     from t2id.raycluster import ensure_ray
 
     assert s.inpainting is not None  # settings() sets it for the inpaint method
     store, gen = ctx.store, s.inpainting
-    classes = plan_classes(gen.target_classes, load_classes(store))
     if gen.use_adapter:
         for fold in folds:
             if not store.exists(layout.lora.adapter(fold)):
@@ -119,9 +137,7 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int]) -> dic
     ensure_ray(ctx.cluster)
     results = {}
     for fold in folds:
-        executor = partial(run_ray, worker_cls=InpaintGenerator, settings=s, store=store, fold=fold, g=gen.generate,
-                           cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
-        rows, facts = inpaint_fold(store, s, fold, classes, executor, ctx.events)
+        rows, facts = inpaint_fold(store, s, fold, classes, inpaint_executor(ctx, s, fold), ctx.events)
         made = {r["class_id"] for r in rows}
         for cls in classes:
             if cls.class_id not in made:
@@ -131,13 +147,107 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int]) -> dic
     return results
 
 
+def inpaint_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], fold: int,
+                  ranges: dict[str, tuple[int, int]], round_: int) -> list[dict]:
+    """A top-up round of inpainting: the next indices of the fold's inpaint plan."""
+    from t2id.label.inpaint import inpaint_fold
+
+    rows, _ = inpaint_fold(ctx.store, s, fold, classes, inpaint_executor(ctx, s, fold), ctx.events, ranges, round_)
+    return rows
+
+
+def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], fold: int,
+                  ranges: dict[str, tuple[int, int]], round_: int) -> list[dict]:
+    """A top-up round of the teacher method: new text-to-image candidates from the fold's generator (generate's
+    worker and gate, seeds of their own), stored under layout.label.topup(fold), then labelled by the teacher."""
+    from t2id.generate.core import execute_rows, manifest_table, record_from_batch, verified_records
+    from t2id.generate.plan import gen_params, plan_rows
+    from t2id.generate.quality import judge
+    from t2id.generate.ray_layer import run_ray
+    from t2id.generate.worker import ImageGenerator
+    from t2id.label.ray_layer import teacher_folds
+
+    store, gen = ctx.store, s.topup
+    assert gen is not None  # settings() sets it when the teacher tops up
+    g = gen.generate
+    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    params = gen_params(gen, lora_sha256)
+    by_name = {c.name: c for c in classes}
+    plan = []
+    for name, (start, count) in ranges.items():
+        for row in plan_rows(gen.run_seed, fold, by_name[name], params, start, count, round_, TOPUP_SEEDS):
+            row.update(key=layout.label.topup_image(fold, name, row["name"]),
+                       record_key=layout.label.topup_record(fold, name, row["name"]))
+            plan.append(row)
+    need_clip = g.quality.min_clip_score is not None
+    records = verified_records(store, plan, set(store.list(layout.label.topup(fold))), need_clip)
+    todo = [r for r in plan if r["key"] not in records]
+    if todo:
+        executor = partial(run_ray, worker_cls=ImageGenerator, settings=gen, store=store, fold=fold, g=g,
+                           cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
+
+        def make_record(batch: dict, i: int, row: dict) -> dict:
+            return record_from_batch(batch, i, row, gen.base_model, g.scheduler, lora_sha256)
+
+        with ctx.events.progress(f"label fold {fold}: top-up round {round_} images", len(todo)) as advance:
+            execute_rows(f"label fold {fold} top-up", todo, executor, records, make_record, advance)
+    for record in records.values():  # generate's gate with the current thresholds
+        verdict = judge(record["std"], record["entropy"], record.get("clip_score"), g.quality)
+        record["kept"], record["reject_reason"] = verdict.kept, verdict.reject_reason
+    candidates = manifest_table(store, gen, fold, plan, records).to_pylist()
+    labelled, _ = teacher_folds(store, s, [fold], str(ctx.cache_dir), False, ctx.events, {fold: candidates})[fold]
+    return [{**r, "round": round_, "key": p["key"], "record_key": p["record_key"]} for r, p in zip(labelled, plan)]
+
+
+def usable(row: dict) -> bool:
+    """What the detector trains on: kept, with at least one box."""
+    return bool(row["kept"] and row["boxes"])
+
+
+def topup_ranges(rows: list[dict], classes: list[PlanClass], target: int, budget: int,
+                 start_of: Callable[[list[dict]], int]) -> dict[str, tuple[int, int]]:
+    """class name -> (first index, count) of the next top-up round: the classes short of `target` usable rows
+    that have tried fewer than `budget` candidates; `start_of(a class's rows)` is the index to continue at."""
+    ranges = {}
+    for cls in classes:
+        mine = [r for r in rows if r["class_id"] == cls.class_id]
+        short, room = target - sum(usable(r) for r in mine), budget - len(mine)
+        if short > 0 and room > 0:
+            ranges[cls.name] = (start_of(mine), min(short, room))
+    return ranges
+
+
+def top_up(ctx: StageContext, fold: int, rows: list[dict], classes: list[PlanClass], target: int, budget: int,
+           start_of: Callable[[list[dict]], int], more: Callable[[int, dict, int], list[dict]],
+           score: Callable[[list[dict]], list[dict]]) -> tuple[list[dict], int]:
+    """Rounds of new candidates until every class has `target` usable rows or tried `budget`: (rows, rounds)."""
+    round_ = 0
+    while ranges := topup_ranges(rows, classes, target, budget, start_of):
+        round_ += 1
+        ctx.events.info(f"label fold {fold}: top-up round {round_}: "
+                        + ", ".join(f"{count} more '{name}'" for name, (_, count) in ranges.items()))
+        new = more(fold, ranges, round_)
+        if not new:  # nothing could be made (e.g. no source image for inpainting): stop, report the shortfall
+            break
+        rows = rows + score(new)
+    return rows, round_
+
+
 def run(ctx: StageContext, s: LabelSettings) -> StageResult:
-    from t2id.label.memorization import histogram_png, score_rows
+    from t2id.generate.core import remove_stale
+    from t2id.generate.plan import plan_classes
+    from t2id.label.inpaint import remove_stale_inpaint
+    from t2id.label.memorization import histogram_png, load_grey, score_rows
 
     lab, store = s.label, ctx.store
     folds = label_folds(store, s)
     names = load_classes(store)
-    labelled = teacher_labels(ctx, s, folds) if lab.method == "teacher" else inpaint_labels(ctx, s, folds)
+    teacher = lab.method == "teacher"
+    gen = s.topup if teacher else s.inpainting
+    classes = plan_classes(gen.target_classes, names) if gen is not None else []
+    labelled = teacher_labels(ctx, s, folds) if teacher else inpaint_labels(ctx, s, folds, classes)
+    target = s.target_per_class
+    budget = math.ceil(lab.max_attempts_factor * target)
     outputs: dict[str, str] = {}
     summary: dict[str, dict] = {}
     scores: list[float] = []
@@ -145,26 +255,47 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
     for fold in folds:
         rows, facts = labelled[fold]
         training, reference = generator_training_rows(store, fold, s.use_adapter)
-        rows = score_rows(store, rows, training, mem.feature, mem.size, mem.threshold, mem.reject)
-        counts = class_counts(rows, names, s.target_per_class)
+        train_pixels = [load_grey(store, r["uri"]) for r in training]
+
+        def score(candidates: list[dict]) -> list[dict]:
+            return score_rows(store, candidates, training, mem.feature, mem.size, mem.threshold, mem.reject,
+                              train_pixels)
+
+        rows = score([{**r, "round": r.get("round") or 0} for r in rows])
+        rounds = 0
+        if teacher:
+            if s.topup is not None:
+                rows, rounds = top_up(ctx, fold, rows, classes, target, budget,
+                                      lambda mine: sum(1 for r in mine if r["round"] > 0),
+                                      partial(teacher_topup, ctx, s, classes), score)
+            removed = remove_stale(store, [r for r in rows if r["round"] > 0],
+                                   [layout.label.topup_images(fold), layout.label.topup_records(fold)])
+        else:
+            rows, rounds = top_up(ctx, fold, rows, classes, target, budget, len,
+                                  partial(inpaint_topup, ctx, s, classes), score)
+            removed = remove_stale_inpaint(store, fold, rows)
+        counts = class_counts(rows, names, target)
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)
         outputs[key] = store.write_table(key, table)
         scores += [r["nn_similarity"] for r in rows if r["nn_similarity"] is not None]
-        usable = sum(1 for r in rows if r["kept"] and r["boxes"])
+        used = sum(usable(r) for r in rows)
         reasons: dict[str, int] = {}
         for r in rows:
             if not r["kept"]:
                 reason = (r["reject_reason"] or "rejected").split(":")[0]
                 reasons[reason] = reasons.get(reason, 0) + 1
-        summary[str(fold)] = {"rows": len(rows), "usable": usable, "rejected": reasons,
+        summary[str(fold)] = {"rows": len(rows), "usable": used, "rejected": reasons,
                               "memorized": sum(bool(r["memorized"]) for r in rows),
-                              "memorization_reference": reference,
+                              "memorization_reference": reference, "topup_rounds": rounds,
+                              "topped_up": sum(1 for r in rows if r["round"] > 0), "removed_stale": removed,
                               "classes": {c["class"]: {k: v for k, v in c.items() if k not in ("class", "class_id")}
                                           for c in counts}, **facts}
-        ctx.events.info(f"label fold {fold} ({lab.method}): {usable}/{len(rows)} images kept with boxes; "
-                        f"rejected {reasons or 'none'}")
+        short = {c["class"]: c["shortfall"] for c in counts if c["shortfall"]}
+        ctx.events.info(f"label fold {fold} ({lab.method}): {used}/{len(rows)} images kept with boxes"
+                        f"{f' after {rounds} top-up round(s)' if rounds else ''}; rejected {reasons or 'none'}"
+                        f"{f'; shortfall {short}' if short else ''}")
     key = layout.label.memorization_hist
     outputs[key] = store.write_bytes(key, histogram_png(scores, mem.threshold))
     return StageResult(outputs=outputs, summary={"method": lab.method, "folds": summary})

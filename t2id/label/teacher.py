@@ -184,9 +184,10 @@ def label_with_teacher(store: Store, rows: list[dict], teacher: Teacher, names: 
     return out
 
 
-def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force: bool = False
-               ) -> tuple[list[dict], dict]:
-    """Steps 1-3 for one fold: the teacher (trained, reused or the grid's) labels generate's manifest rows.
+def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force: bool = False,
+               rows: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Steps 1-3 for one fold: the teacher (trained, reused or the grid's) labels `rows` (SYNTHETIC_SCHEMA;
+    default: generate's manifest rows of the fold).
 
     Runs where the teacher's resources are (t2id.label.ray_layer); returns (labelled rows, facts)."""
     lab = s.label
@@ -195,7 +196,8 @@ def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force
     assert s.teacher_detector is not None
     teacher = Teacher(local_weights(store, weights_key, cache_dir), lab.teacher.imgsz or s.teacher_detector.imgsz,
                       device=ultralytics_device(device), iou=lab.teacher.iou, min_confidence=lab.min_confidence)
-    rows = store.read_table(layout.generate.manifest(fold)).to_pylist()
+    if rows is None:
+        rows = store.read_table(layout.generate.manifest(fold)).to_pylist()
     labelled = label_with_teacher(store, rows, teacher, load_classes(store), lab.min_confidence,
                                   lab.class_consistency)
     return labelled, {"teacher": weights_key, "teacher_weights": how, "teacher_device": device}

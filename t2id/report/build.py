@@ -163,13 +163,23 @@ def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
     """Per fold x class from label/fold=<k>/labels.parquet: generated, rejections by gate, images used.
 
     teacher_rejection_rate = teacher-gate rejections / images that reached the teacher (not rejected
-    by generate's quality gate before); used = kept with at least one box (what *_sdxl trials train on).
+    by generate's quality gate before); topped_up = candidates made by label's top-up rounds after its
+    rejections; used = kept with at least one box (what *_sdxl trials train on); target and shortfall
+    from the label stage's per-class counts (schema metadata), when recorded.
     """
+    from t2id.label.stage import CLASS_COUNTS_KEY
+
     rows = []
     for fold in _folds(store):
-        labels = _read(store, layout.label.labels(fold))
-        if labels is None or labels.empty or "class_id" not in labels:
+        key = layout.label.labels(fold)
+        if not store.exists(key):
             continue
+        table = store.read_table(key)
+        labels = table.to_pandas()
+        if labels.empty or "class_id" not in labels:
+            continue
+        metadata = table.schema.metadata or {}
+        targets = {int(c["class_id"]): c for c in json.loads(metadata.get(CLASS_COUNTS_KEY, b"[]"))}
         labels = labels.assign(kind=[_reject_kind(r) if not k else "" for r, k in
                                      zip(labels.get("reject_reason", pd.Series([None] * len(labels))),
                                          labels["kept"].fillna(False))])
@@ -185,7 +195,10 @@ def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
                 "teacher_rejection_rate": round(teacher / reached, 3) if reached else float("nan"),
                 "memorization_rejected": int((part["kind"] == "memorization").sum()),
                 "memorization_flagged": int(part["memorized"].fillna(False).sum()) if "memorized" in part else 0,
+                "topped_up": int((part["round"].fillna(0) > 0).sum()) if "round" in part else 0,
                 "used": used,
+                "target": targets.get(int(cid), {}).get("target", float("nan")),
+                "shortfall": targets.get(int(cid), {}).get("shortfall", float("nan")),
                 "label_source": ", ".join(str(v) for v in dict.fromkeys(part.get("label_source", pd.Series()).dropna()))
                                 or "not recorded",
             })
@@ -296,9 +309,13 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
         blocks.append(Para(
             "Synthetic images per fold and class (label stage): generated, rejected by generate's quality gate, "
             f"by the teacher gate (overall rejection rate {rate:.1%} of the images that reached it; per class "
-            "below) and by the memorization check, and the images actually used for training (kept with boxes). "
+            "below) and by the memorization check; the candidates label's top-up rounds made after those "
+            "rejections (until the target was used or label.max_attempts_factor x target were tried); the images "
+            "actually used for training (kept with boxes) and the shortfall against the target. "
             f"In total {int(counts_table['used'].sum())} of {int(counts_table['generated'].sum())} generated images "
-            f"were used; {int(counts_table['memorization_rejected'].sum())} were rejected as memorized."))
+            f"were used; {int(counts_table['memorization_rejected'].sum())} were rejected as memorized; "
+            f"{int(counts_table['topped_up'].sum())} were made by top-up; total shortfall "
+            f"{int(counts_table['shortfall'].fillna(0).sum())}."))
         blocks.append(Table("Synthetic images per fold and class: rejections and images used",
                             counts_table.set_index("fold"), "synthetic_images.csv"))
     used = tables.synthetic_per_trial(trials, strategies)
@@ -321,7 +338,8 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
 
     blocks.append(Heading(f"Detection results ({label}, Table II layout)"))
     blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds and seeds (sample std, ddof=1); "
-                        f"{n_text}", tables.paper_headers(table), "table_ii.csv"))
+                        f"{n_text}; the best mean per class is highlighted", tables.paper_headers(table),
+                        "table_ii.csv", best="max"))
     trained = tables.ok_rows(trials, metric)
     if not trained.empty and float(trained[metric].max()) == 0.0:
         blocks.append(Para(f"Every {label} is 0: no detector found any object on its validation fold. The "
@@ -364,21 +382,29 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
     else:
         png = figures.class_distribution(counts) if counts is not None else None
     if png is not None:
-        blocks.append(Figure("Fig. 2: instances and images per class (real data)", "class_distribution.png", png))
+        blocks.append(Figure("Fig. 2: instances and images per class (real data). Look for the long tail: the rare classes "
+                             "(few instances) are the ones synthetic images and class-aware sampling target.",
+                             "class_distribution.png", png))
     rare = rare_classes(s, classes, counts)
     sheets = contact_sheets(store, s)
     if sheets:
         for key in sheets:
-            blocks.append(Figure(f"Fig. 3: real vs synthetic ({key})", key.replace("/", "_"), store.read_bytes(key)))
+            blocks.append(Figure(f"Fig. 3: real (left) vs synthetic (right) images of one class and fold ({key}). Look "
+                                 "for the class's shape and echo texture in the synthetic column, and for exact "
+                                 "copies of real images (memorization).", key.replace("/", "_"),
+                                 store.read_bytes(key)))
     else:
         rows = sample_rows(store, classes, rare, cfg.samples_per_class)
         if rows:
             blocks.append(Figure("Fig. 3: real vs synthetic images of the rare classes", "samples.png",
                                  figures.sample_sheet(rows)))
     if curves is not None and not curves.empty and rare:
-        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds and seeds)",
+        blocks.append(Figure(f"Fig. 4: PR curves of {', '.join(rare)} per strategy (mean over folds and seeds, IoU 0.5). "
+                             "Look for curves above the baseline's: more of the rare class found at the same "
+                             "precision.",
                              "pr_curves.png", figures.pr_curves(curves, rare, strategies)))
-    blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text})",
+    blocks.append(Figure(f"{label} per class and strategy (mean ± std over folds and seeds, ddof=1; {n_text}). Look "
+                         "for bars above the baseline's on the rare classes, and whether the error bars overlap.",
                          "per_class.png", figures.per_class_bars(stats, strategies, [ALL, *classes], label)))
 
     # The label stage draws this figure (label/memorization_hist.png); redraw it with the same code only
@@ -394,7 +420,8 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
             png = histogram_png(pd.concat(similarity).to_numpy(dtype=float), s.memorization_threshold)
     if png is not None:
         blocks.append(Figure("Memorization check: similarity of each synthetic image to its nearest real "
-                             "training image", "memorization.png", png))
+                             "training image. Look for mass near the threshold line: images right of it are "
+                             "flagged as copies of a training image.", "memorization.png", png))
     metrics = _read(store, layout.evaluate.metrics)
     if metrics is not None and not metrics.empty:
         csvs["image_metrics.csv"] = metrics

@@ -82,5 +82,8 @@ def test_runner_redoes_exactly_those_markers(tmp_path, change, base, expected):
 
 
 def test_seed_reaches_every_stage_that_draws_random_numbers():
-    changed = changed_by_settings(BASE, with_values(BASE, run__seed=BASE.run.seed + 1))
+    base = with_values(BASE, grid__seeds=None)  # the detector seed follows run.seed
+    changed = changed_by_settings(base, with_values(base, run__seed=base.run.seed + 1))
     assert changed >= {"split", "lora", "generate", "label", "evaluate", "grid"}
+    # the demo lists its detector seeds (grid.seeds), so run.seed no longer reaches the grid
+    assert BASE.grid.seeds and "grid" not in changed_by_settings(BASE, with_values(BASE, run__seed=BASE.run.seed + 1))

@@ -16,6 +16,13 @@ from t2id.configbase import Section
 # KubeRay as spec.rayClusterSpec.rayVersion; tests check it equals the installed ray.
 RAY_VERSION = "2.60.0"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+           "Ti": 2**40}
+# Ray's default object store is 30% of the memory the raylet sees (the pod's limit); it needs a
+# /dev/shm at least that large, else it falls back to disk (ray/_private/ray_constants.py).
+OBJECT_STORE_FRACTION = 0.3
+# Token auth (KubeRay authOptions) needs Ray >= 2.52.
+MIN_RAY_FOR_AUTH = (2, 52)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -23,6 +30,14 @@ def _quantity(value: str) -> str:
     if not _QUANTITY.match(value):
         raise ValueError("use a Kubernetes quantity such as '4', '500m', '16Gi'")
     return value
+
+
+def quantity_bytes(value: str) -> float:
+    """A Kubernetes quantity ('16Gi', '500M', '4') as a number (bytes for memory)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", str(value))
+    if not match or match.group(2) not in _SUFFIX:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    return float(match.group(1)) * _SUFFIX[match.group(2)]
 
 
 class TolerationConfig(Section):
@@ -39,14 +54,31 @@ class PodShape(Section):
     cpu: str = Field("4", description="CPU request and limit of each pod (Kubernetes quantity).")
     memory: str = Field("16Gi", description="Memory request and limit of each pod (Kubernetes quantity).")
     gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu limit of each pod; 0 = CPU pod.")
-    shm: str = Field("4Gi", description="Size of the in-memory /dev/shm (Ray object store, torch loaders).")
+    shm: str | None = Field(None, description="Size of the in-memory /dev/shm (Ray object store, torch loaders); "
+                            "default: the pod's memory, as KubeRay sizes it. Ray's object store takes 30% of "
+                            "memory, so a smaller value must still be >= 30% of `memory`.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the pods.")
     tolerations: list[TolerationConfig] = Field(default_factory=list, description="Tolerations of the pods.")
 
     @field_validator("cpu", "memory", "shm")
     @classmethod
-    def _quantities(cls, value: str) -> str:
-        return _quantity(value)
+    def _quantities(cls, value: str | None) -> str | None:
+        return None if value is None else _quantity(value)
+
+    @model_validator(mode="after")
+    def _shm_holds_the_object_store(self) -> PodShape:
+        if self.shm is not None:
+            store = OBJECT_STORE_FRACTION * quantity_bytes(self.memory)
+            if quantity_bytes(self.shm) < store:
+                raise ValueError(f"shm {self.shm} is smaller than Ray's object store (30% of memory {self.memory} "
+                                 f"= {store / 2**30:.1f}Gi), so Ray would spill to disk; leave shm unset (= memory) "
+                                 "or raise it")
+        return self
+
+    @property
+    def shm_size(self) -> str:
+        """The /dev/shm sizeLimit: shm, or the pod's memory (tmpfs pages count against the limit anyway)."""
+        return self.shm or self.memory
 
 
 class WorkerGroupConfig(PodShape):
@@ -68,7 +100,6 @@ class HeadConfig(PodShape):
 
     cpu: str = Field("2", description="CPU request and limit of the head pod.")
     memory: str = Field("8Gi", description="Memory request and limit of the head pod.")
-    shm: str = Field("1Gi", description="Size of the head's in-memory /dev/shm.")
     node_selector: dict[str, str] = Field(default_factory=lambda: {"t2id.io/pool": "ray-head"},
                                           description="nodeSelector of the head: the on-demand node group.")
 
@@ -77,7 +108,6 @@ class GpuWorkerGroupConfig(WorkerGroupConfig):
     cpu: str = Field("7", description="CPU request and limit of each GPU worker.")
     memory: str = Field("28Gi", description="Memory request and limit of each GPU worker.")
     gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu limit of each GPU worker.")
-    shm: str = Field("8Gi", description="Size of each GPU worker's in-memory /dev/shm.")
     node_selector: dict[str, str] = Field(default_factory=lambda: {"t2id.io/pool": "gpu"},
                                           description="nodeSelector of the GPU workers: the GPU node group.")
     tolerations: list[TolerationConfig] = Field(
@@ -88,7 +118,6 @@ class GpuWorkerGroupConfig(WorkerGroupConfig):
 class CpuWorkerGroupConfig(WorkerGroupConfig):
     cpu: str = Field("4", description="CPU request and limit of each CPU worker.")
     memory: str = Field("16Gi", description="Memory request and limit of each CPU worker.")
-    shm: str = Field("2Gi", description="Size of each CPU worker's in-memory /dev/shm.")
     node_selector: dict[str, str] = Field(default_factory=lambda: {"t2id.io/pool": "cpu"},
                                           description="nodeSelector of the CPU workers: the CPU node group.")
 
@@ -99,7 +128,9 @@ class ClusterConfig(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all of this machine's).")
     namespace: str = Field("t2id", description="Kubernetes namespace for RayJobs.")
-    image: str = Field("t2id:gpu", description="Container image for Ray pods.")
+    image: str | None = Field(None, description="Container image of the Ray pods, e.g. "
+                              "<terraform output ecr_repository_url>:<tag> on EKS, t2id:cpu after `kind load`. "
+                              "Needed to render or submit a RayJob (`--image` sets it on the command line).")
     image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$",
                                    description="imagePullPolicy of the Ray containers.")
     ray_version: str = Field(RAY_VERSION, description="Ray version inside the image (RayJob rayVersion).")
@@ -111,7 +142,12 @@ class ClusterConfig(Section):
                                               description="GPU worker group (LoRA, generation, detector grid).")
     cpu_workers: CpuWorkerGroupConfig = Field(default_factory=CpuWorkerGroupConfig,
                                               description="CPU worker group (data, split, labelling, report).")
-    autoscaling: bool = Field(True, description="enableInTreeAutoscaling: scale worker groups within min..max.")
+    autoscaling: bool | None = Field(None, description="enableInTreeAutoscaling: scale worker groups within "
+                                     "min..max. Default: on, off with kueue_queue (Kueue admits fixed-size "
+                                     "clusters only). Off: every worker group runs max_replicas workers throughout.")
+    ray_auth: bool = Field(True, description="Ray token auth (KubeRay authOptions mode token, Ray >= 2.52): "
+                           "KubeRay puts a random token in a Secret named like the RayCluster and gives it to "
+                           "every Ray container; the dashboard/job API and client port refuse requests without it.")
     idle_timeout_seconds: int = Field(120, ge=0, description="Seconds an idle worker lives before scale-down.")
     shutdown_after_job_finishes: bool = Field(True, description="Delete the Ray cluster when the job ends.")
     ttl_seconds_after_finished: int = Field(600, ge=0, description="Seconds to keep the finished cluster "
@@ -157,6 +193,33 @@ class ClusterConfig(Section):
             raise ValueError(f"credentials do not belong in the config ({banned}); bind a role to the "
                              "service account (EKS Pod Identity / IRSA) instead")
         return value
+
+    @property
+    def autoscale(self) -> bool:
+        """enableInTreeAutoscaling as rendered: the explicit setting, else on unless Kueue queues the job."""
+        return self.autoscaling if self.autoscaling is not None else not self.kueue_queue
+
+    @model_validator(mode="after")
+    def _kueue_rules(self) -> ClusterConfig:
+        # Kueue's RayJob webhook rejects a queued RayJob with enableInTreeAutoscaling (without its
+        # elastic-jobs feature gate): it reserves quota for a fixed-size cluster.
+        if self.kueue_queue and self.autoscaling:
+            raise ValueError("cluster.kueue_queue with cluster.autoscaling: true is rejected by Kueue's RayJob "
+                             "webhook; remove `autoscaling` (Kueue jobs run max_replicas workers per group)")
+        if self.kueue_queue and not self.shutdown_after_job_finishes:
+            raise ValueError("cluster.kueue_queue needs cluster.shutdown_after_job_finishes: true (Kueue's RayJob "
+                             "webhook rejects a queued RayJob that keeps its cluster)")
+        if not self.autoscale and self.gpu_workers.max_replicas + self.cpu_workers.max_replicas == 0:
+            raise ValueError("without autoscaling the worker groups run max_replicas workers; both are 0, so no "
+                             "stage could run: set gpu_workers/cpu_workers.max_replicas")
+        return self
+
+    @model_validator(mode="after")
+    def _auth_needs_ray_2_52(self) -> ClusterConfig:
+        if self.ray_auth and tuple(int(x) for x in self.ray_version.split(".")[:2]) < MIN_RAY_FOR_AUTH:
+            raise ValueError(f"cluster.ray_auth needs Ray >= 2.52 (ray_version is {self.ray_version}); use a newer "
+                             "image or set ray_auth: false on a private network")
+        return self
 
     @model_validator(mode="after")
     def _ttl_needs_shutdown(self) -> ClusterConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +190,19 @@ def dump_config(config: T2IDConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=100)
 
 
+def builtin_config_dirs() -> list[Path]:
+    """Where built-in configs live: a checkout's configs/, else the copy a regular (non-editable)
+    install puts in <prefix>/share/t2id/configs (pyproject data-files), e.g. in the images."""
+    here = Path(__file__).resolve()
+    prefix = here.parents[4] if len(here.parents) > 4 else here.parent  # <prefix>/lib/pythonX.Y/site-packages/t2id
+    return [REPO_CONFIGS, prefix / "share" / "t2id" / "configs", Path(sys.prefix) / "share" / "t2id" / "configs"]
+
+
 def builtin_config(name: str) -> Path:
-    """Path of a config shipped in the repository's configs/ folder (e.g. 'demo')."""
-    path = REPO_CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"built-in config '{name}' not found at {path}")
+    """Path of a config shipped with t2id (the repository's configs/ folder, e.g. 'demo')."""
+    dirs = builtin_config_dirs()
+    path = next((d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()), None)
+    if path is None:
+        raise ConfigError(f"built-in config '{name}' not found in {', '.join(map(str, dirs))}; reinstall t2id "
+                          "(pip install .) so its configs are installed")
     return path

@@ -3,6 +3,7 @@
 resource "aws_ecr_repository" "t2id" {
   name                 = var.name
   image_tag_mutability = "IMMUTABLE"
+  force_delete         = true # images are rebuilt from the repository; `terraform destroy` must not stall on them
 
   image_scanning_configuration {
     scan_on_push = true

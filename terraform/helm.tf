@@ -3,7 +3,7 @@
 
 resource "helm_release" "kuberay_operator" {
   name             = "kuberay-operator"
-  namespace        = "kuberay-system" # k8s/base/networkpolicy.yaml lets this namespace reach the dashboard
+  namespace        = "kuberay-system" # k8s/namespace/networkpolicy.yaml lets this namespace reach the dashboard
   create_namespace = true
   repository       = "https://ray-project.github.io/kuberay-helm/"
   chart            = "kuberay-operator"
@@ -38,6 +38,10 @@ resource "helm_release" "cluster_autoscaler" {
     rbac          = { serviceAccount = { name = "cluster-autoscaler" } }
     nodeSelector  = { "t2id.io/pool" = "ray-head" }
 
+    # cluster-autoscaler supports the Kubernetes minor it is released with: pin the image to the
+    # cluster's minor instead of the chart's default appVersion (one minor behind).
+    image = { tag = local.cluster_autoscaler_tag }
+
     # Idle GPU nodes go away quickly; a RayJob's autoscaler already waited idleTimeoutSeconds.
     extraArgs = {
       "scale-down-unneeded-time"      = "5m"
@@ -57,9 +61,22 @@ resource "helm_release" "nvidia_device_plugin" {
   chart            = "nvidia-device-plugin"
   version          = var.nvidia_device_plugin_version
 
+  # The chart's default affinity requires labels that only NFD / GPU feature discovery set
+  # (feature.node.kubernetes.io/pci-10de.present, nvidia.com/gpu.present), and neither runs here:
+  # the DaemonSet would schedule no pod and no node would advertise nvidia.com/gpu. Replace it
+  # (Helm merges maps but replaces lists, so nodeSelectorTerms is ours alone) with the GPU node
+  # group's own label.
   values = [yamlencode({
-    nodeSelector = { "t2id.io/pool" = "gpu" }
-    tolerations  = [{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]
+    affinity = {
+      nodeAffinity = {
+        requiredDuringSchedulingIgnoredDuringExecution = {
+          nodeSelectorTerms = [{
+            matchExpressions = [{ key = "t2id.io/pool", operator = "In", values = ["gpu"] }]
+          }]
+        }
+      }
+    }
+    tolerations = [{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]
   })]
 
   depends_on = [module.eks]

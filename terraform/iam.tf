@@ -1,5 +1,5 @@
 # Identity of the Ray pods: EKS Pod Identity binds this role to the ServiceAccount t2id/t2id-ray
-# (k8s/base/serviceaccount.yaml). The role can read and write only s3://BUCKET/<run_prefix>/ and
+# (k8s/namespace/serviceaccount.yaml). The role can read and write only s3://BUCKET/<run_prefix>/ and
 # read only the listed input prefixes; no access keys exist anywhere.
 
 data "aws_iam_policy_document" "ray_trust" {
@@ -20,16 +20,15 @@ resource "aws_iam_role" "ray" {
 }
 
 data "aws_iam_policy_document" "ray_store" {
+  # ListBucket without an s3:prefix condition: HeadBucket (which pyarrow's S3FileSystem, and so
+  # Ray Train/Tune's create_dir, sends as `HEAD /<bucket>`) is authorised by s3:ListBucket but
+  # carries no prefix, so a prefix condition denies it and lora/grid fail with ACCESS_DENIED. The
+  # cost: the role may list key names of this bucket (its own runs, datasets, models); object
+  # reads and writes stay limited to the prefixes below.
   statement {
-    sid       = "ListOwnPrefixes"
+    sid       = "ListTheStoreBucket"
     actions   = ["s3:ListBucket"]
     resources = [aws_s3_bucket.store.arn]
-
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = concat(["${var.run_prefix}/*", var.run_prefix], [for p in var.read_prefixes : "${p}/*"], var.read_prefixes)
-    }
   }
 
   statement {

@@ -15,6 +15,23 @@ locals {
   azs                  = slice(data.aws_availability_zones.available.names, 0, 3)
   bucket_name          = var.bucket_name != "" ? var.bucket_name : "${var.name}-runs-${data.aws_caller_identity.current.account_id}"
   worker_capacity_type = var.gpu_spot ? "SPOT" : "ON_DEMAND"
+
+  # cluster-autoscaler release of the cluster's Kubernetes minor (helm.tf)
+  cluster_autoscaler_tag = "v${var.kubernetes_version}.0"
+
+  # Root volume of every node: the 20 GiB default cannot hold the t2id image (the venv alone is
+  # 7.2 GB, pulled compressed and unpacked) plus kubelet's image GC headroom.
+  root_volume = {
+    xvda = {
+      device_name = "/dev/xvda"
+
+      ebs = {
+        volume_size = var.node_disk_gib
+        volume_type = "gp3"
+        encrypted   = true
+      }
+    }
+  }
 }
 
 module "vpc" {
@@ -57,9 +74,18 @@ module "eks" {
   enable_cluster_creator_admin_permissions = true
 
   addons = {
-    coredns                = {}
-    kube-proxy             = {}
-    vpc-cni                = { before_compute = true }
+    # On the always-on head group: a CoreDNS replica on a CPU/GPU node would keep
+    # cluster-autoscaler from ever scaling that node group back to zero.
+    coredns = {
+      configuration_values = jsonencode({ nodeSelector = { "t2id.io/pool" = "ray-head" } })
+    }
+    kube-proxy = {}
+    # enableNetworkPolicy: without it the VPC CNI ignores NetworkPolicy objects, and the policy
+    # keeping the Ray dashboard/client ports inside the namespace (k8s/namespace) does nothing.
+    vpc-cni = {
+      before_compute       = true
+      configuration_values = jsonencode({ enableNetworkPolicy = "true" })
+    }
     eks-pod-identity-agent = { before_compute = true }
   }
 
@@ -72,6 +98,8 @@ module "eks" {
       max_size       = 3
       desired_size   = 1
       labels         = { "t2id.io/pool" = "ray-head" }
+
+      block_device_mappings = local.root_volume
     }
 
     cpu = {
@@ -82,6 +110,8 @@ module "eks" {
       max_size       = var.cpu_max_nodes
       desired_size   = 0
       labels         = { "t2id.io/pool" = "cpu" }
+
+      block_device_mappings = local.root_volume
     }
 
     gpu = {
@@ -91,7 +121,10 @@ module "eks" {
       min_size       = 0
       max_size       = var.gpu_max_nodes
       desired_size   = 0
-      labels         = { "t2id.io/pool" = "gpu" }
+      # k8s.amazonaws.com/accelerator: cluster-autoscaler's GPU label on AWS; with it a new GPU node
+      # counts as not ready until the device plugin advertises nvidia.com/gpu, instead of as a node
+      # that cannot fit the pending pod (which would make the autoscaler add more nodes).
+      labels = { "t2id.io/pool" = "gpu", "k8s.amazonaws.com/accelerator" = "nvidia" }
 
       taints = {
         gpu = {
@@ -101,12 +134,13 @@ module "eks" {
         }
       }
 
+      # the image plus SDXL weights and caches in the pods' emptyDirs
       block_device_mappings = {
         xvda = {
           device_name = "/dev/xvda"
 
           ebs = {
-            volume_size = 200 # CUDA image + model weights
+            volume_size = var.gpu_node_disk_gib
             volume_type = "gp3"
             encrypted   = true
           }

@@ -31,10 +31,14 @@ data "aws_iam_policy_document" "kms" {
 }
 
 resource "aws_s3_bucket" "store" {
-  # checkov:skip=CKV_AWS_18:Access logging needs a second bucket that itself cannot log; CloudTrail data events are the audit trail here.
+  # checkov:skip=CKV_AWS_18:Access logging needs a second bucket that itself cannot log; this module creates no audit trail, so turn on CloudTrail S3 data events for the account if you need one.
   # checkov:skip=CKV_AWS_144:Cross-region replication doubles storage for reproducible, re-runnable outputs; enable it if your data needs it.
   # checkov:skip=CKV2_AWS_62:No consumer of object events: stages poll markers (_SUCCESS.json).
   bucket = local.bucket_name
+
+  # false: `terraform destroy` refuses to delete a bucket that still holds runs (it is versioned).
+  # To tear everything down: apply with -var force_destroy_bucket=true, then destroy.
+  force_destroy = var.force_destroy_bucket
 }
 
 resource "aws_s3_bucket_public_access_block" "store" {

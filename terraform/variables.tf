@@ -112,8 +112,26 @@ variable "kuberay_version" {
   default     = "1.7.0"
 }
 
+variable "node_disk_gib" {
+  description = "Root volume (GiB) of the head and CPU worker nodes: holds the pulled t2id image (about 10 GB unpacked) and pod emptyDirs."
+  type        = number
+  default     = 100
+}
+
+variable "gpu_node_disk_gib" {
+  description = "Root volume (GiB) of the GPU nodes: the CUDA image, SDXL weights and caches in pod emptyDirs."
+  type        = number
+  default     = 200
+}
+
+variable "force_destroy_bucket" {
+  description = "Let `terraform destroy` delete the run-store bucket with every run and object version in it. Apply with true before destroying."
+  type        = bool
+  default     = false
+}
+
 variable "cluster_autoscaler_chart_version" {
-  description = "cluster-autoscaler Helm chart version (scales the node groups, including from and to zero)."
+  description = "cluster-autoscaler Helm chart version (scales the node groups, including from and to zero); its image is pinned to the cluster's Kubernetes minor (main.tf locals)."
   type        = string
   default     = "9.46.6"
 }

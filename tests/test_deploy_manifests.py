@@ -14,7 +14,7 @@ from t2id.cli import app
 from t2id.cluster_config import RAY_VERSION
 from t2id.config import STAGES, load_config, validate_config
 from t2id.deploy.manifests import build_rayjob, render
-from t2id.deploy.validate import default_crds_dir, load_crd_schemas, load_manifests, validate_objects
+from t2id.deploy.validate import default_crds_dir, load_crd_schemas, load_manifests, operator_rules, validate_objects
 from t2id.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ def schemas():
 
 @pytest.fixture
 def cfg(tmp_path):
-    return load_config(REPO / "configs" / "demo.yaml", overrides={"store.uri": "s3://bucket/runs"})
+    return load_config(REPO / "configs" / "demo.yaml", overrides={"store.uri": "s3://bucket/runs",
+                                                                  "cluster.image": "registry.example/t2id:1"})
 
 
 def _containers(job):
@@ -64,6 +65,7 @@ def test_rayjob_shape(cfg):
     assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["suspend"]) == (1, 172800, False)
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == RAY_VERSION and cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == {"mode": "token"}
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["serviceType"] == "ClusterIP"
@@ -100,14 +102,53 @@ def test_config_map_carries_the_effective_config(cfg):
     assert validate_config(yaml.safe_load(cm["data"]["config.yaml"])) == cfg
 
 
-def test_kueue_queue_label_and_suspend(tmp_path):
+def test_kueue_queue_label_suspend_and_a_fixed_size_cluster(tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides={
-        "store.uri": "s3://b/r", "cluster.kueue_queue": "team-a", "cluster.gpu_workers.max_replicas": 0})
+        "store.uri": "s3://b/r", "cluster.image": "t2id:cpu", "cluster.kueue_queue": "team-a",
+        "cluster.gpu_workers.max_replicas": 0, "cluster.cpu_workers.max_replicas": 3})
     job = build_rayjob(cfg, "lora")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["name"] == "t2id-demo-lora"
-    assert [g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == ["cpu"]
+    cluster = job["spec"]["rayClusterSpec"]
+    # Kueue's webhook rejects a queued RayJob with in-tree autoscaling; without the autoscaler the
+    # groups must start at their size, or the head (num-cpus 0) waits alone forever
+    assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("cpu", 3, 3, 3)
+    assert cluster["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert operator_rules(job) == []
+    with pytest.raises(ConfigError, match=r"kueue_queue with cluster.autoscaling: true is rejected by Kueue"):
+        validate_config({"cluster": {"kueue_queue": "q", "autoscaling": True}})
+    with pytest.raises(ConfigError, match=r"both are 0, so no stage could run"):
+        validate_config({"cluster": {"kueue_queue": "q", "gpu_workers": {"max_replicas": 0},
+                                     "cpu_workers": {"max_replicas": 0}}})
+
+
+def test_operator_rules_catch_kueue_shm_and_auth_mistakes(cfg):
+    """What the shipped manifests got wrong before issue 16, each caught offline."""
+    job = build_rayjob(cfg)
+    assert operator_rules(job) == []
+    queued = copy.deepcopy(job)
+    queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "t2id"  # autoscaling still on
+    assert any("enableInTreeAutoscaling must be false" in e for e in operator_rules(queued))
+    queued["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] = False  # but every group at replicas 0
+    assert any("no worker replicas and no autoscaler" in e for e in operator_rules(queued))
+    small = copy.deepcopy(job)
+    gpu = small["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    gpu["volumes"][3]["emptyDir"]["sizeLimit"] = "8Gi"  # the old default next to 28Gi of memory
+    assert any("/dev/shm sizeLimit 8Gi is smaller than Ray's object store (8.4Gi" in e for e in operator_rules(small))
+    open_ray = copy.deepcopy(job)
+    del open_ray["spec"]["rayClusterSpec"]["authOptions"]
+    assert any("authOptions.mode: set it to token" in e for e in operator_rules(open_ray))
+    with pytest.raises(ConfigError, match=r"cluster.gpu_workers: .*shm 8Gi is smaller than Ray's object store"):
+        validate_config({"cluster": {"gpu_workers": {"shm": "8Gi", "memory": "28Gi"}}})
+
+
+def test_rendering_needs_an_image(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides={"store.uri": "s3://b/r"})
+    with pytest.raises(UserError, match=r"cluster.image is not set: .*ecr_repository_url"):
+        render(cfg)
 
 
 @needs_crds
@@ -142,33 +183,44 @@ def test_cluster_config_errors_name_the_fix():
 
 
 def test_committed_base_and_stage_files_match_the_renderer():
-    """k8s/base and k8s/stages are rendered from k8s/base/config.yaml; they must not drift."""
-    cfg = load_config(K8S / "base" / "config.yaml")
+    """k8s/base and k8s/stages are rendered from k8s/config/config.yaml; they must not drift."""
+    cfg = load_config(K8S / "config" / "config.yaml")
     cm, pipeline = render(cfg)
     assert yaml.safe_load((K8S / "base" / "rayjob-pipeline.yaml").read_text()) == pipeline
-    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    assert kustomization["configMapGenerator"][0]["name"] == cm["metadata"]["name"]  # what the pods mount
+    for folder in ("config", "components/eks"):
+        kustomization = yaml.safe_load((K8S / folder / "kustomization.yaml").read_text())
+        assert kustomization["configMapGenerator"][0]["name"] == cm["metadata"]["name"]  # what the pods mount
+    # the EKS config is the paper config with the bucket filled in: they may differ in nothing else
+    eks = load_config(K8S / "components" / "eks" / "config.yaml")
+    assert eks == cfg
     for stage in STAGES:
         assert yaml.safe_load((K8S / "stages" / f"rayjob-{stage}.yaml").read_text()) == build_rayjob(cfg, stage)
 
 
 @needs_crds
 @pytest.mark.parametrize("folder,n_jobs", [("base", 1), ("stages", 8), ("overlays/local", 1),
-                                           ("overlays/aws", 1), ("overlays/kueue", 1)])
+                                           ("overlays/aws", 1), ("overlays/aws-stages", 8), ("overlays/kueue", 1)])
 def test_kustomize_builds_validate(folder, n_jobs, schemas):
     objects = load_manifests([K8S / folder])  # real kustomize (kubectl kustomize)
-    report = validate_objects(objects, schemas)
+    report = validate_objects(objects, schemas)  # CRD schema + KubeRay, Kueue, shm and auth rules
     assert report.errors == []
     jobs = [o for o in objects if o["kind"] == "RayJob"]
-    assert len(jobs) == n_jobs and all(o["metadata"].get("namespace", "t2id") == "t2id" for o in objects)
+    assert len(jobs) == n_jobs
+    # every namespaced object says its namespace: one without lands in `default`, away from the pods
+    assert all(o["metadata"].get("namespace") == "t2id" for o in objects if o["kind"] != "Namespace")
     kinds = {o["kind"] for o in objects}
-    if folder == "stages":
+    for job in jobs:
+        assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    images = {c["image"] for job in jobs for t in _containers(job) for c in t["spec"]["containers"]}
+    if folder in ("overlays/aws", "overlays/aws-stages", "overlays/kueue"):
+        assert len(images) == 1 and re.match(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/t2id:", images.pop())
+    if folder.endswith("stages"):
         assert all(j["spec"]["suspend"] is True for j in jobs)  # applying the folder starts nothing
+        assert "ConfigMap" in kinds  # the config the stage jobs mount comes with them
         return
     assert {"Namespace", "ServiceAccount", "NetworkPolicy", "ConfigMap"} <= kinds
     job = jobs[0]
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
-    images = {c["image"] for t in _containers(job) for c in t["spec"]["containers"]}
     config = load_config_text(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     if folder == "overlays/local":
         assert set(groups) == {"cpu"} and images == {"t2id:cpu"}
@@ -177,11 +229,18 @@ def test_kustomize_builds_validate(folder, n_jobs, schemas):
     else:
         assert set(groups) == {"gpu", "cpu"} and config.store.uri.startswith("s3://")
     if folder in ("overlays/aws", "overlays/kueue"):
-        assert len(images) == 1 and re.match(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/t2id:", images.pop())
         head_selector = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["nodeSelector"]
         assert head_selector["eks.amazonaws.com/capacityType"] == "ON_DEMAND"
     if folder == "overlays/kueue":
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t2id" and job["spec"]["suspend"] is True
+        cluster = job["spec"]["rayClusterSpec"]
+        assert cluster["enableInTreeAutoscaling"] is False
+        assert all(g["replicas"] == g["minReplicas"] == g["maxReplicas"] > 0 for g in cluster["workerGroupSpecs"])
+    if folder == "overlays/local":
+        pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+        claims = {v["persistentVolumeClaim"]["claimName"] for t in _containers(job)
+                  for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        assert claims == {pvc["metadata"]["name"]} and pvc["metadata"]["namespace"] == job["metadata"]["namespace"]
     netpol = next(o for o in objects if o["kind"] == "NetworkPolicy")
     assert netpol["spec"]["ingress"][0] == {"from": [{"podSelector": {}}]}  # namespace only
     namespace = next(o for o in objects if o["kind"] == "Namespace")
@@ -197,7 +256,8 @@ def test_cli_render_and_validate(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text((REPO / "configs" / "demo.yaml").read_text().replace("./t2id-demo/store", "s3://b/runs"))
     runner = CliRunner()
-    rendered = runner.invoke(app, ["k8s", "render", str(config), "--stage", "data", "--stage", "lora"])
+    rendered = runner.invoke(app, ["k8s", "render", str(config), "--stage", "data", "--stage", "lora",
+                                   "--image", "registry.example/t2id:1"])
     assert rendered.exit_code == 0, rendered.output
     docs = list(yaml.safe_load_all(rendered.output))
     assert [d["metadata"]["name"] for d in docs] == ["t2id-demo-config", "t2id-demo-data", "t2id-demo-lora"]

@@ -10,6 +10,8 @@ binary is installable here: it is neither on PyPI nor in Debian).
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import json
 import re
 import subprocess
@@ -25,7 +27,8 @@ from t2id.deploy.validate import load_manifests
 REPO = Path(__file__).resolve().parents[1]
 IAC_BIN = REPO / ".venv-iac" / "bin"
 K8S_VERSION = "1.33.0"
-KUSTOMIZE_DIRS = ["base", "stages", "overlays/local", "overlays/aws", "overlays/kueue"]
+KUSTOMIZE_DIRS = ["namespace", "base", "stages", "overlays/local", "overlays/aws", "overlays/aws-stages",
+                  "overlays/kueue"]
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
 
 
@@ -86,7 +89,8 @@ def test_core_kinds_and_ray_pod_templates_validate(folder, iac_bin, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     passed = proc.stdout.count(" passed for resource ")
-    assert passed == len(core) + len(templates) and len(templates) >= 3
+    assert passed == len(core) + len(templates)
+    assert len(templates) >= 3 or folder == "namespace"
 
 
 def test_checkov_passes_on_the_ray_pods(iac_bin, tmp_path):
@@ -173,8 +177,6 @@ def test_terraform_ray_role_is_limited_to_the_bucket_prefix_via_pod_identity(tf)
         assert '"*"' not in resources
         if "s3:PutObject" in json.dumps(statement["actions"]):
             assert "${var.run_prefix}/*" in resources
-        if "s3:ListBucket" in json.dumps(statement["actions"]):
-            assert "s3:prefix" in json.dumps(statement["condition"])
 
 
 def test_terraform_node_groups_match_the_rayjob(tf):
@@ -184,7 +186,7 @@ def test_terraform_node_groups_match_the_rayjob(tf):
     head, gpu, cpu = groups["ray-head"], groups["gpu"], groups["cpu"]
     assert _one(head["capacity_type"]) == "ON_DEMAND" and _one(head["min_size"]) >= 1
     assert _one(head["labels"]) == cfg.head.node_selector
-    assert _one(gpu["labels"]) == cfg.gpu_workers.node_selector
+    assert cfg.gpu_workers.node_selector.items() <= _one(gpu["labels"]).items()  # the pods' nodeSelector matches
     assert _one(cpu["labels"]) == cfg.cpu_workers.node_selector
     for group in (gpu, cpu):  # scale to zero, spot when var.gpu_spot
         assert _one(group["min_size"]) == 0 and _one(group["desired_size"]) == 0
@@ -199,9 +201,9 @@ def test_terraform_node_groups_match_the_rayjob(tf):
 def test_terraform_installs_the_kuberay_operator_of_the_vendored_crds(tf):
     release = tf["resource"]["helm_release.kuberay_operator"]
     assert _one(release["chart"]) == "kuberay-operator"
-    assert _one(release["namespace"]) == "kuberay-system"  # k8s/base/networkpolicy.yaml admits it
+    assert _one(release["namespace"]) == "kuberay-system"  # k8s/namespace/networkpolicy.yaml admits it
     assert _one(tf["variable"]["kuberay_version"]["default"]) == "1.7.0"  # shared/kuberay/README.md
-    netpol = yaml.safe_load((REPO / "k8s" / "base" / "networkpolicy.yaml").read_text())
+    netpol = yaml.safe_load((REPO / "k8s" / "namespace" / "networkpolicy.yaml").read_text())
     assert netpol["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"][
         "kubernetes.io/metadata.name"] == "kuberay-system"
 
@@ -239,3 +241,133 @@ def test_terraform_layout_is_fmt_clean():
     assert {f.name for f in files} >= {"versions.tf", "variables.tf", "outputs.tf", "main.tf", "s3.tf", "iam.tf",
                                        "helm.tf"}
     assert [p for f in files for p in _fmt_problems(f)] == []
+
+
+# ---------------------------------------------------------------- issue 16: what AWS/Helm semantics need
+def _encoded(value: Any) -> Any:
+    """The literal argument of a yamlencode(...)/jsonencode(...) attribute as python-hcl2 prints it."""
+    text = _one(value)
+    match = re.fullmatch(r"\$\{(?:yamlencode|jsonencode)\((.*)\)\}", text, re.S)
+    assert match, text
+    return ast.literal_eval(match.group(1))
+
+
+def _policy(tf: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """An aws_iam_policy_document's statements with the module's variables at their defaults."""
+    defaults = {k: _one(v.get("default")) for k, v in tf["variable"].items()}
+    bucket = "arn:aws:s3:::BUCKET"
+
+    def resolve(text: str) -> str:
+        text = text.replace("${aws_s3_bucket.store.arn}", bucket).replace("aws_s3_bucket.store.arn", bucket)
+        return re.sub(r"\$\{var\.(\w+)\}", lambda m: str(defaults[m.group(1)]), text)
+
+    def flat(value: Any) -> list[Any]:
+        return [y for x in value for y in flat(x)] if isinstance(value, list) else [value]
+
+    out = []
+    for st in tf["data"][f"aws_iam_policy_document.{name}"]["statement"]:
+        resources = []
+        for r in flat(st.get("resources", [])):
+            if isinstance(r, str) and (m := re.fullmatch(r'\$\{\[for p in var\.(\w+) : "(.*)"\]\}', r)):
+                resources += [resolve(m.group(2).replace("${p}", p)) for p in defaults[m.group(1)]]
+            else:
+                resources.append(resolve(r))
+        conditions = [{"variable": _one(c["variable"]), "values": [resolve(v) for v in flat(c["values"])]}
+                      for c in flat(st.get("condition", []))]
+        out.append({"actions": flat(st["actions"]), "resources": resources, "condition": conditions})
+    return out
+
+
+def _allowed(statements: list[dict[str, Any]], action: str, resource: str, context: dict[str, str]) -> bool:
+    """IAM evaluation for Allow statements (no Deny here): a condition on a key the request does not
+    carry fails (StringLike without IfExists), which is what denies HeadBucket under an s3:prefix
+    condition."""
+    for st in statements:
+        if action not in st["actions"] or not any(fnmatch.fnmatchcase(resource, r) for r in st["resources"]):
+            continue
+        ok = True
+        for cond in st["condition"]:
+            key = cond["variable"]
+            if key not in context or not any(fnmatch.fnmatchcase(context[key], v) for v in cond["values"]):
+                ok = False
+        if ok:
+            return True
+    return False
+
+
+def test_terraform_ray_role_allows_what_pyarrow_and_ray_send(tf):
+    """Requests t2id's S3 paths make (pyarrow S3FileSystem under Ray Train/Tune and t2id's store),
+    evaluated against the role's policy: moto enforces no IAM, so this is where ACCESS_DENIED shows."""
+    st = _policy(tf, "ray_store")
+    bucket = "arn:aws:s3:::BUCKET"
+    # create_dir/get_file_info on s3://BUCKET/runs/...: HEAD /BUCKET is HeadBucket = s3:ListBucket, no prefix
+    assert _allowed(st, "s3:ListBucket", bucket, {})
+    assert _allowed(st, "s3:ListBucket", bucket, {"s3:prefix": "runs/t2id-cas/lora/"})
+    assert _allowed(st, "s3:PutObject", f"{bucket}/runs/t2id-cas/lora/fold0/adapter.safetensors", {})
+    assert _allowed(st, "s3:GetObject", f"{bucket}/datasets/neck-us/images/a.png", {})
+    assert _allowed(st, "s3:GetObject", f"{bucket}/models/clip-vit-large-patch14/config.json", {})
+    # and no more than that: inputs are read-only, nothing outside the prefixes
+    assert not _allowed(st, "s3:PutObject", f"{bucket}/datasets/neck-us/images/a.png", {})
+    assert not _allowed(st, "s3:GetObject", f"{bucket}/other/secret.txt", {})
+    assert not _allowed(st, "s3:DeleteObject", f"{bucket}/models/x", {})
+
+
+def test_terraform_nvidia_device_plugin_lands_on_the_gpu_nodes(tf):
+    """The chart's default affinity wants NFD/GFD labels no node here has: ours must replace it with
+    terms every GPU node satisfies (Helm replaces lists, so nodeSelectorTerms is exactly ours)."""
+    values = _encoded(tf["resource"]["helm_release.nvidia_device_plugin"]["values"])
+    terms = values["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    gpu = _one(tf["module"]["eks"]["eks_managed_node_groups"])["gpu"]
+    labels = _one(gpu["labels"])
+
+    def matches(term: dict[str, Any]) -> bool:
+        return all((e["operator"] == "In" and labels.get(e["key"]) in e["values"])
+                   or (e["operator"] == "Exists" and e["key"] in labels) for e in term["matchExpressions"])
+
+    assert terms and all(matches(t) for t in terms)
+    assert "feature.node.kubernetes.io" not in json.dumps(values)
+    taint = _one(_one(gpu["taints"])["gpu"])
+    assert any(t["key"] == _one(taint["key"]) and t["operator"] == "Exists" for t in values["tolerations"])
+
+
+def test_terraform_enforces_network_policy_and_keeps_coredns_on_the_head_group(tf):
+    addons = _one(tf["module"]["eks"]["addons"])
+    assert _encoded(addons["vpc-cni"]["configuration_values"]) == {"enableNetworkPolicy": "true"}
+    assert _encoded(addons["coredns"]["configuration_values"])["nodeSelector"] == {"t2id.io/pool": "ray-head"}
+
+
+def test_terraform_node_disks_hold_the_image(tf):
+    groups = _one(tf["module"]["eks"]["eks_managed_node_groups"])
+    defaults = {k: _one(v.get("default")) for k, v in tf["variable"].items()}
+    local_volume = _one(tf["locals"]["root_volume"])
+    for name, group in groups.items():
+        mapping = _one(group.get("block_device_mappings"))
+        assert mapping is not None, f"node group {name} uses the 20 GiB default root volume"
+        if mapping == "${local.root_volume}":
+            mapping = local_volume
+        size = _one(_one(mapping["xvda"])["ebs"])["volume_size"]
+        size = defaults[re.fullmatch(r"\$\{var\.(\w+)\}", size).group(1)] if isinstance(size, str) else size
+        assert size >= 100, f"node group {name}: {size} GiB root volume"
+
+
+def test_terraform_cluster_autoscaler_matches_the_cluster_minor(tf):
+    values = _encoded(tf["resource"]["helm_release.cluster_autoscaler"]["values"])
+    tag = values["image"]["tag"]
+    assert tag == "${local.cluster_autoscaler_tag}"
+    tag = _one(tf["locals"]["cluster_autoscaler_tag"]).replace(
+        "${var.kubernetes_version}", _one(tf["variable"]["kubernetes_version"]["default"]))
+    assert re.fullmatch(r"v(\d+\.\d+)\.\d+", tag).group(1) == _one(tf["variable"]["kubernetes_version"]["default"])
+
+
+def test_terraform_destroy_can_remove_the_bucket_and_registry(tf):
+    assert _one(tf["resource"]["aws_s3_bucket.store"]["force_destroy"]) == "${var.force_destroy_bucket}"
+    assert _one(tf["resource"]["aws_ecr_repository.t2id"]["force_delete"]) is True
+
+
+def test_checkov_skip_reasons_name_only_what_exists():
+    """A skip that points at a control must point at one terraform creates (no phantom CloudTrail)."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "terraform").glob("*.tf")))
+    skips = re.findall(r"checkov:skip=\S+:(.*)", text)
+    assert skips
+    if 'resource "aws_cloudtrail"' not in text:
+        assert not [s for s in skips if re.search(r"CloudTrail .*(is|are) the audit", s)], skips

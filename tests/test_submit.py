@@ -239,10 +239,31 @@ def kube(tmp_path, monkeypatch):
     server.server_close()
 
 
-def _s3_config(tmp_path: Path) -> Path:
+def _s3_config(tmp_path: Path, image: str | None = "registry.example/t2id:1") -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["store"]["uri"] = "s3://bucket/runs"
+    if image:
+        raw.setdefault("cluster", {})["image"] = image
     path = tmp_path / "k8s.yaml"
-    path.write_text((REPO / "configs" / "demo.yaml").read_text().replace("./t2id-demo/store", "s3://bucket/runs"))
+    path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_submit_k8s_needs_an_image_and_takes_it_from_the_command_line(kube, tmp_path):
+    """t2id:gpu exists on no EKS node: without cluster.image nothing is created, --image sets it."""
+    config = _s3_config(tmp_path, image=None)
+    refused = CliRunner().invoke(app, ["submit", str(config), "--k8s", "--no-wait"])
+    assert refused.exit_code == 1 and "cluster.image is not set" in str(refused.exception)
+    assert [m for m, _, _ in kube.requests if m == "POST"] == []
+    kube.statuses = [{}]
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/t2id:0.2.0-gpu"
+    ok = CliRunner().invoke(app, ["submit", str(config), "--k8s", "--no-wait", "--image", image])
+    assert ok.exit_code == 0, ok.output
+    job = next(body for method, path, body in kube.requests if method == "POST" and path.endswith("/rayjobs"))
+    cluster = job["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"], job["spec"]["submitterPodTemplate"]]
+    templates += [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert {c["image"] for t in templates for c in t["spec"]["containers"]} == {image}
 
 
 def test_submit_k8s_creates_exactly_the_rendered_objects_and_follows_to_success(kube, tmp_path):

@@ -26,6 +26,8 @@ def submit(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return after submitting.")] = False,
     upload_code: Annotated[bool, typer.Option("--upload-code", help="Ship this checkout's t2id package with the "
                                               "job (Ray path), for a cluster whose image has another version.")] = False,
+    image: Annotated[str | None, typer.Option(help="Image of the Ray pods for --k8s (sets cluster.image), e.g. "
+                                              "<ecr_repository_url>:<tag>.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop following a RayJob after this many seconds.")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between RayJob status reads.", hidden=True)] = 5.0,
 ) -> None:
@@ -33,8 +35,12 @@ def submit(
     from t2id.config import load_config
     from t2id.deploy import submit as sub
 
-    overrides = {"cluster.namespace": namespace} if namespace else None
-    cfg = load_config(config, overrides=overrides)
+    overrides: dict[str, object] = {}
+    if namespace:
+        overrides["cluster.namespace"] = namespace
+    if image:
+        overrides["cluster.image"] = image
+    cfg = load_config(config, overrides=overrides or None)
     if k8s:
         if force:
             raise UserError("--force works with --address only; a RayJob runs the stages whose markers are "
@@ -58,13 +64,14 @@ def render(
     all_stages: Annotated[bool, typer.Option("--all-stages", help="One RayJob per stage in run.stages.")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one YAML file per object here "
                                                  "instead of printing.")] = None,
+    image: Annotated[str | None, typer.Option(help="Image of the Ray pods (sets cluster.image).")] = None,
 ) -> None:
     """Print the ConfigMap and RayJob(s) for a config (YAML, ready for kubectl apply -f -)."""
     from t2id.config import load_config
     from t2id.deploy.manifests import render as render_objects
     from t2id.deploy.manifests import to_yaml, write_files
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides={"cluster.image": image} if image else None)
     stages = list(cfg.run.stages) if all_stages else (stage or None)
     objects = render_objects(cfg, stages)
     if out_dir is None:
@@ -77,19 +84,39 @@ def render(
 @k8s_app.command("validate")
 def validate(
     paths: Annotated[list[Path], typer.Argument(help="YAML files, folders of YAML, or kustomize folders.")],
-    crds: Annotated[Path | None, typer.Option(help="Folder of CRD YAML (e.g. from your cluster: kubectl get "
-                                              "crd rayjobs.ray.io -o yaml). Default: the vendored KubeRay CRDs.")] = None,
+    crds: Annotated[str | None, typer.Option(help="CRD YAML to validate against: a folder, a file or an https URL "
+                                             "(e.g. KubeRay's ray-operator/config/crd/bases/ray.io_rayjobs.yaml "
+                                             "at your operator's tag). Default: $T2ID_KUBERAY_CRDS, else the "
+                                             "CRDs beside a t2id checkout.")] = None,
+    from_cluster: Annotated[bool, typer.Option("--from-cluster", help="Validate against the RayJob/RayCluster "
+                                               "CRDs installed in the cluster of your kubeconfig.")] = False,
+    context: Annotated[str | None, typer.Option(help="kubeconfig context for --from-cluster.")] = None,
 ) -> None:
-    """Validate RayJob/RayCluster objects against CRD schemas and KubeRay's rules, offline."""
-    from t2id.deploy.validate import default_crds_dir, load_crd_schemas, load_manifests, validate_objects
+    """Validate RayJob/RayCluster objects against CRD schemas, KubeRay's and Kueue's rules, offline."""
+    from t2id.deploy.validate import (cluster_crd_schemas, default_crds_dir, load_crd_schemas, load_manifests,
+                                      validate_objects)
 
-    crds_dir = crds or default_crds_dir()
-    if crds_dir is None:
-        raise UserError("no CRD folder: pass --crds DIR (or set T2ID_KUBERAY_CRDS)")
-    report = validate_objects(load_manifests(paths), load_crd_schemas(crds_dir))
+    if from_cluster and crds:
+        raise UserError("pass either --crds or --from-cluster, not both")
+    objects = load_manifests(paths)
+    if from_cluster:
+        from t2id.deploy.submit import k8s_api_client
+
+        api_client = k8s_api_client(context)
+        source = f"the cluster at {api_client.configuration.host}"
+        schemas = cluster_crd_schemas(api_client)
+    else:
+        crds_source = crds or default_crds_dir()
+        if crds_source is None:
+            raise UserError("no KubeRay CRDs to validate against: pass --from-cluster (your cluster's own), "
+                            "--crds FILE|DIR, or --crds https://raw.githubusercontent.com/ray-project/kuberay/"
+                            "v1.7.0/ray-operator/config/crd/bases/ray.io_rayjobs.yaml")
+        source = str(crds_source)
+        schemas = load_crd_schemas(crds_source)
+    report = validate_objects(objects, schemas)
     for line in report.errors:
         typer.echo(f"error: {line}", err=True)
-    typer.echo(f"{len(report.checked)} custom resource(s) checked against {crds_dir}, "
+    typer.echo(f"{len(report.checked)} custom resource(s) checked against {source}, "
                f"{len(report.errors)} error(s); not checked here (core kinds): {len(report.skipped)}")
     if not report.checked:
         raise UserError("no RayJob/RayCluster found in the given paths")

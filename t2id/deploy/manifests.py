@@ -5,7 +5,10 @@ take). The shape follows KubeRay v1.7 `ray.io/v1` RayJob (shared/kuberay/crds):
   - head: `num-cpus: 0` so no task lands on it, on on-demand capacity (cluster.head.node_selector);
   - a GPU worker group (nvidia.com/gpu limits, toleration of the GPU taint) and a CPU group, both
     with explicit minReplicas/maxReplicas (the API server would default them, an offline
-    validator does not) and in-tree autoscaling;
+    validator does not) and in-tree autoscaling; with Kueue (which admits fixed-size clusters only)
+    autoscaling is off and every group runs maxReplicas workers;
+  - /dev/shm as large as Ray's object store needs (the pod's memory unless cluster.*.shm says less);
+  - Ray token auth (authOptions mode token): the job API and client port refuse unauthenticated calls;
   - shutdownAfterJobFinishes + ttlSecondsAfterFinished, backoffLimit, activeDeadlineSeconds;
   - `suspend: true` plus the `kueue.x-k8s.io/queue-name` label when cluster.kueue_queue is set;
   - restricted pod security on every container KubeRay runs from our templates (head, workers,
@@ -55,7 +58,7 @@ def entrypoint(cfg: T2IDConfig, stage: str | None = None) -> str:
 
 def _labels(cfg: T2IDConfig, stage: str | None) -> dict[str, str]:
     # Only t2id.io/* on pod templates: KubeRay owns app.kubernetes.io/* and ray.io/* on its pods.
-    # t2id.io/app selects every pod of ours in k8s/base/networkpolicy.yaml.
+    # t2id.io/app selects every pod of ours in k8s/namespace/networkpolicy.yaml.
     return {"t2id.io/app": "t2id", "t2id.io/run": cfg.run.id[:63].rstrip("-._"), "t2id.io/job": stage or PIPELINE}
 
 
@@ -127,12 +130,23 @@ def _resources(shape: PodShape) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+def image(cfg: T2IDConfig) -> str:
+    """cluster.image, which has no usable default: a cluster pulls from a registry only it knows."""
+    if not cfg.cluster.image:
+        raise UserError("cluster.image is not set: set it to the image your nodes pull, e.g. "
+                        "<terraform output ecr_repository_url>:<tag> on EKS or t2id:cpu after `kind load "
+                        "docker-image` (or pass --image)")
+    return cfg.cluster.image
+
+
 def _volumes(cfg: T2IDConfig, shape: PodShape) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes = [
         {"name": "t2id-config", "configMap": {"name": config_map_name(cfg)}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shm}},
+        # KubeRay adds its own /dev/shm (sized to the memory limit) only when the template mounts
+        # none; we mount ours so its size is explicit and validated (>= Ray's 30% object store).
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape.shm_size}},
     ]
     mounts = [
         {"name": "t2id-config", "mountPath": cfg.cluster.config_mount, "readOnly": True},
@@ -148,7 +162,7 @@ def _pod_template(cfg: T2IDConfig, stage: str | None, shape: PodShape, container
     volumes, mounts = _volumes(cfg, shape)
     main: dict[str, Any] = {
         "name": container,
-        "image": cfg.cluster.image,
+        "image": image(cfg),
         "imagePullPolicy": cfg.cluster.image_pull_policy,
         "env": _env(cfg),
         "resources": _resources(shape),
@@ -176,10 +190,13 @@ def _pod_template(cfg: T2IDConfig, stage: str | None, shape: PodShape, container
 
 
 def _worker_group(cfg: T2IDConfig, stage: str | None, name: str, group: WorkerGroupConfig) -> dict[str, Any]:
+    # Without the autoscaler nothing moves replicas: the group is fixed at max_replicas (what Kueue
+    # reserves quota for); replicas 0 would leave a head that runs no tasks alone.
+    fixed = not cfg.cluster.autoscale
     return {
         "groupName": name,
-        "replicas": group.replicas,
-        "minReplicas": group.min_replicas,
+        "replicas": group.max_replicas if fixed else group.replicas,
+        "minReplicas": group.max_replicas if fixed else group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": {},
         "template": _pod_template(cfg, stage, group, "ray-worker", None, automount_token=False),
@@ -198,7 +215,7 @@ def _submitter_template(cfg: T2IDConfig, stage: str | None) -> dict[str, Any]:
             "securityContext": pod_security_context(),
             "containers": [{
                 "name": "ray-job-submitter",
-                "image": cfg.cluster.image,
+                "image": image(cfg),
                 "imagePullPolicy": cfg.cluster.image_pull_policy,
                 "env": [{"name": "HOME", "value": "/tmp"}],
                 "resources": {"requests": {"cpu": "200m", "memory": "512Mi"},
@@ -244,6 +261,29 @@ def build_rayjob(cfg: T2IDConfig, stage: str | None = None) -> dict[str, Any]:
     labels = _object_labels(cfg, stage)
     if c.kueue_queue:
         labels[KUEUE_LABEL] = c.kueue_queue
+    cluster_spec: dict[str, Any] = {"rayVersion": c.ray_version}
+    if c.ray_auth:
+        # KubeRay generates the token Secret and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray
+        # container (head, workers, submitter); the operator itself authenticates its status calls.
+        cluster_spec["authOptions"] = {"mode": "token"}
+    cluster_spec["enableInTreeAutoscaling"] = c.autoscale
+    if c.autoscale:
+        cluster_spec["autoscalerOptions"] = {
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": c.idle_timeout_seconds,
+            "imagePullPolicy": c.image_pull_policy,
+            "resources": {"requests": {"cpu": "200m", "memory": "512Mi"},
+                          "limits": {"cpu": "500m", "memory": "1Gi"}},
+            "securityContext": container_security_context(),
+        }
+    cluster_spec["headGroupSpec"] = {
+        "serviceType": "ClusterIP",  # never exposed: reach the dashboard by port-forward
+        # num-cpus 0: the head schedules no tasks, so losing a worker never loses the GCS.
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        # Only the autoscaler sidecar needs a Kubernetes API token.
+        "template": _pod_template(cfg, stage, c.head, "ray-head", head_ports, automount_token=c.autoscale),
+    }
+    cluster_spec["workerGroupSpecs"] = workers
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(cfg, stage),
         "submissionMode": "K8sJobMode",
@@ -255,25 +295,7 @@ def build_rayjob(cfg: T2IDConfig, stage: str | None = None) -> dict[str, Any]:
         "suspend": bool(c.kueue_queue),
         "submitterConfig": {"backoffLimit": c.submitter_backoff_limit},
         "submitterPodTemplate": _submitter_template(cfg, stage),
-        "rayClusterSpec": {
-            "rayVersion": c.ray_version,
-            "enableInTreeAutoscaling": c.autoscaling,
-            "autoscalerOptions": {
-                "upscalingMode": "Default",
-                "idleTimeoutSeconds": c.idle_timeout_seconds,
-                "imagePullPolicy": c.image_pull_policy,
-                "resources": {"requests": {"cpu": "200m", "memory": "512Mi"},
-                              "limits": {"cpu": "500m", "memory": "1Gi"}},
-                "securityContext": container_security_context(),
-            },
-            "headGroupSpec": {
-                "serviceType": "ClusterIP",  # never exposed: reach the dashboard by port-forward
-                # num-cpus 0: the head schedules no tasks, so losing a worker never loses the GCS.
-                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                "template": _pod_template(cfg, stage, c.head, "ray-head", head_ports, automount_token=True),
-            },
-            "workerGroupSpecs": workers,
-        },
+        "rayClusterSpec": cluster_spec,
     }
     return {
         "apiVersion": API_VERSION,

@@ -52,32 +52,88 @@ def to_json_schema(node: Any) -> Any:
     return out
 
 
-def load_crd_schemas(crds_dir: Path) -> dict[SchemaKey, dict[str, Any]]:
-    """(apiVersion, kind) -> JSON Schema, for every served version of every CRD file in the folder."""
-    if not crds_dir.is_dir():
-        raise UserError(f"--crds {crds_dir}: not a folder; point it at CustomResourceDefinition YAML files "
-                        "(e.g. `kubectl get crd rayjobs.ray.io -o yaml > crds/rayjobs.yaml`)")
+def schemas_from_crds(docs: Iterable[Any], source: str) -> dict[SchemaKey, dict[str, Any]]:
+    """(apiVersion, kind) -> JSON Schema, for every served version of every CRD among `docs`."""
     schemas: dict[SchemaKey, dict[str, Any]] = {}
-    for path in sorted(crds_dir.glob("*.y*ml")):
-        # libyaml's safe loader when present: the KubeRay CRDs are 4 MB of YAML
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        for doc in yaml.load_all(path.read_text(encoding="utf-8"), Loader=loader):  # noqa: S506 (safe loader)
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
+    for doc in docs:
+        if not isinstance(doc, dict) or doc.get("kind") != "CustomResourceDefinition":
+            continue
+        group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+        for version in doc["spec"]["versions"]:
+            raw = (version.get("schema") or {}).get("openAPIV3Schema")
+            if raw is None:
                 continue
-            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
-            for version in doc["spec"]["versions"]:
-                raw = version.get("schema", {}).get("openAPIV3Schema")
-                if raw is None:
-                    continue
-                schema = to_json_schema(raw)
-                props = schema.setdefault("properties", {})
-                props["apiVersion"] = {"const": f"{group}/{version['name']}"}
-                props["kind"] = {"const": kind}
-                schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
-                schemas[(f"{group}/{version['name']}", kind)] = schema
+            schema = to_json_schema(raw)
+            props = schema.setdefault("properties", {})
+            props["apiVersion"] = {"const": f"{group}/{version['name']}"}
+            props["kind"] = {"const": kind}
+            schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
+            schemas[(f"{group}/{version['name']}", kind)] = schema
     if not schemas:
-        raise UserError(f"--crds {crds_dir}: no CustomResourceDefinition with an openAPIV3Schema found in it")
+        raise UserError(f"{source}: no CustomResourceDefinition with an openAPIV3Schema found in it")
     return schemas
+
+
+def _yaml_docs(text: str, source: str) -> list[Any]:
+    # libyaml's safe loader when present: the KubeRay CRDs are 4 MB of YAML
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return list(yaml.load_all(text, Loader=loader))  # noqa: S506 (safe loader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML ({exc})") from exc
+
+
+def load_crd_schemas(crds: Path | str) -> dict[SchemaKey, dict[str, Any]]:
+    """Schemas from a folder of CRD YAML files, one CRD file, or an http(s) URL of one."""
+    source = str(crds)
+    if source.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(source, timeout=60) as response:  # noqa: S310 (http(s) only, checked above)
+                text = response.read().decode("utf-8")
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(f"--crds {source}: cannot download it ({exc}); download the CRD file yourself and "
+                            "pass its path, or use --from-cluster") from exc
+        return schemas_from_crds(_yaml_docs(text, source), source)
+    path = Path(crds)
+    if path.is_file():
+        return schemas_from_crds(_yaml_docs(path.read_text(encoding="utf-8"), source), source)
+    if not path.is_dir():
+        raise UserError(f"--crds {crds}: no such file or folder; point it at CustomResourceDefinition YAML "
+                        "(e.g. `kubectl get crd rayjobs.ray.io -o yaml > crds/rayjobs.yaml`), a URL of one, "
+                        "or use --from-cluster")
+    docs = [d for p in sorted(path.glob("*.y*ml")) for d in _yaml_docs(p.read_text(encoding="utf-8"), str(p))]
+    return schemas_from_crds(docs, source)
+
+
+# The CRDs a t2id manifest uses; --from-cluster reads exactly these from the API server.
+CLUSTER_CRDS = ("rayjobs.ray.io", "rayclusters.ray.io")
+
+
+def cluster_crd_schemas(api_client: Any) -> dict[SchemaKey, dict[str, Any]]:
+    """Schemas of the CRDs installed in the cluster the kubeconfig points at (the operator's own)."""
+    import json
+
+    import urllib3
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.ApiextensionsV1Api(api_client)
+    docs = []
+    host = api_client.configuration.host
+    for name in CLUSTER_CRDS:
+        try:
+            response = api.read_custom_resource_definition(name, _preload_content=False)
+        except ApiException as exc:
+            hint = " (is the KubeRay operator installed?)" if exc.status == 404 else ""
+            raise UserError(f"reading CRD {name} from {host}: Kubernetes API answered {exc.status} "
+                            f"{exc.reason}{hint}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise UserError(f"cannot reach the Kubernetes API at {host} ({exc}); check KUBECONFIG / --context") from exc
+        docs.append(json.loads(response.data))
+    return schemas_from_crds(docs, f"the CRDs of {host}")
 
 
 def _path(parts: Iterable[Any]) -> str:
@@ -107,10 +163,71 @@ def _pod_spec_rules(where: str, template: dict[str, Any]) -> list[str]:
     return errors
 
 
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+OBJECT_STORE_FRACTION = 0.3  # Ray's default object store: 30% of the memory the raylet sees
+
+
+def _quantity(value: Any) -> float | None:
+    from t2id.cluster_config import quantity_bytes
+
+    try:
+        return quantity_bytes(str(value))
+    except ValueError:
+        return None
+
+
+def _shm_rules(where: str, group: dict[str, Any]) -> list[str]:
+    """A /dev/shm the template mounts must hold Ray's object store, else Ray spills it to disk (and
+    KubeRay, seeing a mount, does not add its own memory-sized one)."""
+    spec = group.get("template", {}).get("spec", {})
+    containers = spec.get("containers", [])
+    if not containers:
+        return []
+    mounts = {m.get("name"): m.get("mountPath") for m in containers[0].get("volumeMounts", [])}
+    shm = next((v for v in spec.get("volumes", []) if mounts.get(v.get("name")) == "/dev/shm"), None)
+    if shm is None or "emptyDir" not in shm:
+        return []  # KubeRay adds /dev/shm sized to the memory limit
+    size = _quantity(shm["emptyDir"].get("sizeLimit", "")) if shm["emptyDir"].get("sizeLimit") else None
+    memory = _quantity(containers[0].get("resources", {}).get("limits", {}).get("memory", ""))
+    params = group.get("rayStartParams", {})
+    store = _quantity(params["object-store-memory"]) if "object-store-memory" in params else (
+        OBJECT_STORE_FRACTION * memory if memory else None)
+    if size is not None and store is not None and size < store:
+        return [f"{where}: /dev/shm sizeLimit {shm['emptyDir']['sizeLimit']} is smaller than Ray's object store "
+                f"({store / 2**30:.1f}Gi: object-store-memory, else 30% of the memory limit); Ray would fall back "
+                "to disk: size /dev/shm to the memory limit or set object-store-memory below it"]
+    return []
+
+
+def _kueue_rules(obj: dict[str, Any]) -> list[str]:
+    """What Kueue's RayJob webhook rejects for a queued RayJob (Kueue docs, 'Run A RayJob', limitations)."""
+    if KUEUE_LABEL not in (obj.get("metadata", {}).get("labels") or {}):
+        return []
+    spec = obj.get("spec", {})
+    cluster = spec.get("rayClusterSpec") or {}
+    errors = []
+    if spec.get("clusterSelector"):
+        errors.append("spec.clusterSelector: a Kueue-queued RayJob cannot use an existing RayCluster")
+    if not spec.get("shutdownAfterJobFinishes"):
+        errors.append("spec.shutdownAfterJobFinishes must be true for a Kueue-queued RayJob")
+    if cluster.get("enableInTreeAutoscaling"):
+        errors.append("spec.rayClusterSpec.enableInTreeAutoscaling must be false for a Kueue-queued RayJob "
+                      "(Kueue reserves quota for a fixed-size cluster)")
+    groups = cluster.get("workerGroupSpecs", [])
+    if len(groups) > 7:
+        errors.append("spec.rayClusterSpec.workerGroupSpecs: Kueue allows at most 7 worker groups")
+    if cluster and not cluster.get("enableInTreeAutoscaling") and sum(g.get("replicas", 0) for g in groups) == 0:
+        errors.append("spec.rayClusterSpec.workerGroupSpecs: no worker replicas and no autoscaler: the head runs no "
+                      "tasks, so the job would never progress; set replicas > 0")
+    return errors
+
+
 def operator_rules(obj: dict[str, Any]) -> list[str]:
-    """Rules KubeRay enforces outside the schema (ray-operator validation.go), plus our pod security bar."""
+    """Rules KubeRay (ray-operator validation.go) and Kueue enforce outside the schema, plus our bar:
+    restricted pod security, /dev/shm that holds the object store, Ray token auth."""
     errors: list[str] = []
     spec = obj.get("spec", {})
+    errors += _kueue_rules(obj)
     if obj.get("kind") == "RayJob":
         if bool(spec.get("rayClusterSpec")) == bool(spec.get("clusterSelector")):
             errors.append("spec: set exactly one of rayClusterSpec or clusterSelector")
@@ -132,6 +249,10 @@ def operator_rules(obj: dict[str, Any]) -> list[str]:
     prefix = "spec.rayClusterSpec" if obj.get("kind") == "RayJob" else "spec"
     head = cluster.get("headGroupSpec", {})
     errors += _pod_spec_rules(f"{prefix}.headGroupSpec.template", head.get("template", {}))
+    errors += _shm_rules(f"{prefix}.headGroupSpec", head)
+    if (cluster.get("authOptions") or {}).get("mode") != "token":
+        errors.append(f"{prefix}.authOptions.mode: set it to token (Ray >= 2.52), else any pod that reaches "
+                      "ports 8265/10001 can run code with the pods' cloud role")
     if head.get("serviceType", "ClusterIP") != "ClusterIP":
         errors.append(f"{prefix}.headGroupSpec.serviceType: keep the dashboard ClusterIP (port-forward to it)")
     for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
@@ -142,6 +263,7 @@ def operator_rules(obj: dict[str, Any]) -> list[str]:
         if "replicas" in group and not lo <= group["replicas"] <= hi:
             errors.append(f"{where}: replicas {group['replicas']} outside {lo}..{hi}")
         errors += _pod_spec_rules(f"{where}.template", group.get("template", {}))
+        errors += _shm_rules(where, group)
     auto_sc = cluster.get("autoscalerOptions", {}).get("securityContext")
     if cluster.get("enableInTreeAutoscaling") and not auto_sc:
         errors.append(f"{prefix}.autoscalerOptions.securityContext: set it (restricted) for the autoscaler sidecar")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from t2id.console import RichEvents
 from t2id.config import STAGES, T2IDConfig, builtin_config, load_config
-from t2id.errors import UserError
+from t2id.errors import UserError, one_line
+from t2id.preflight import preflight
 from t2id.runner import StageOutcome, run_pipeline, run_store
 
 
@@ -24,6 +25,12 @@ def build_parser(stage: str | None) -> argparse.ArgumentParser:
     if stage is None:
         parser.add_argument("--only", choices=STAGES, help="Run just this stage.")
     parser.add_argument("--force", choices=STAGES, help="Redo this stage and every stage after it.")
+    parser.add_argument("--verify", action="store_true",
+                        help="Before skipping a done stage, hash all its outputs (default: sizes, small files hashed).")
+    # A RayJob retried after its head pod died starts while the dead driver's lease (5 min) still looks
+    # alive: resubmit with --steal-lock, or let the retry wait the lease out.
+    parser.add_argument("--steal-lock", action="store_true",
+                        help="Take the run lock from another run of this run id (only if that run is dead).")
     parser.add_argument("--smoke-test", action="store_true",
                         help="Ignore --config: run the built-in demo config (tiny models, CPU) in a temp store.")
     parser.add_argument("--out", type=Path, default=None, help="Store folder for --smoke-test (default: a temp dir).")
@@ -49,9 +56,14 @@ def run_job(stage: str | None, args: argparse.Namespace) -> list[StageOutcome]:
         else:
             cfg = load_config(args.config)
         only = stage or getattr(args, "only", None)
-        outcomes = run_pipeline(cfg, only=only, force=args.force, events=RichEvents())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        preflight(cfg, [only] if only else None)  # store, S3, weights: one line in seconds, before Ray starts
+        outcomes = run_pipeline(cfg, only=only, force=args.force, events=RichEvents(), verify=args.verify,
+                                steal_lock=args.steal_lock)
+    except Exception as exc:
+        line = one_line(exc)  # a user error, also one raised inside a Ray worker; anything else keeps its traceback
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from exc
     for o in outcomes:
         print(json.dumps({"stage": o.stage, "status": o.status, "seconds": round(o.seconds, 2)}))

@@ -35,6 +35,7 @@ from t2id.errors import UserError
 from t2id.events import Events, LogEvents
 from t2id.hashing import sha256_json
 from t2id.store import Store, store_from_config
+from t2id.tracking import Tracking, resolve as resolve_tracking
 
 MARKER = layout.MARKER
 S = TypeVar("S", bound=StageSettings)
@@ -57,6 +58,7 @@ class StageContext:
     endpoint_url: str | None = None  # S3 endpoint for URIs outside the run store (weights, sources)
     events: Events = field(default_factory=LogEvents)
     force: bool = False  # --force covers this stage: ignore its unit memos (t2id.resume)
+    tracking: Tracking | None = None  # MLflow / TensorBoard (run.tracking, resolved); None: off
 
     def marker(self, stage: str) -> dict[str, Any] | None:
         return read_marker(self.store, stage)
@@ -159,7 +161,8 @@ def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None 
         stage = stages[name]
         settings = stage.settings(config)
         ctx = StageContext(store=store, stage=name, cache_dir=cache_dir, cluster=config.cluster,
-                           endpoint_url=config.store.endpoint_url, events=events, force=name in forced)
+                           endpoint_url=config.store.endpoint_url, events=events, force=name in forced,
+                           tracking=resolve_tracking(config))
         identity = expected_identity(stage, settings, ctx, frozenset(enabled))
         marker = ctx.marker(name)
         if name not in forced and marker is not None and all(marker.get(k) == v for k, v in identity.items()):

@@ -28,6 +28,7 @@ from t2id.errors import UserError
 from t2id.grid.settings import GridSettings
 from t2id.resume import Memo, memoized
 from t2id.store import Store, ray_storage
+from t2id.tracking import Tracking, current, log_trial_result, trial_run
 
 TrialFn = Callable[[dict[str, Any], GridSettings, Store, str], dict[str, Any]]
 
@@ -46,7 +47,7 @@ def trial_memo(store: Store, trial: dict[str, Any], force: bool = False) -> Memo
 
 
 def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSettings, store: Store,
-                   cache_dir: str, force: bool) -> None:
+                   cache_dir: str, force: bool, tracking: Tracking | None = None) -> None:
     """Tune function trainable: train one trial (or reuse its published result) and report once.
 
     The metrics reported here are the only ones in the trial's Tune results; ultralytics' own Ray
@@ -60,7 +61,9 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
     key = layout.grid.result(trial["fold"], trial["strategy"], trial["seed"])
 
     def train() -> list[str]:
-        output = trial_fn(trial, settings, store, cache_dir)
+        with trial_run(tracking, store, trial, settings) as log, current(log):  # MLflow run per trial (t2id.tracking)
+            output = trial_fn(trial, settings, store, cache_dir)
+            log_trial_result(log, output, settings.grid.detector.epochs)
         store.write_text(key, json.dumps(output, sort_keys=True))
         return [key]
 
@@ -79,7 +82,7 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
 
 
 def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, settings: GridSettings,
-               cache_dir: str, force: bool = False, verbose: int = 1) -> TuneOutcome:
+               cache_dir: str, force: bool = False, verbose: int = 1, tracking: Tracking | None = None) -> TuneOutcome:
     """Run every trial without a valid memo on Ray Tune (Ray must be initialized); collect all results.
 
     Each trial dict needs `name` (unique, folder-safe), `fold`, `strategy`, `seed` and `identity`; everything
@@ -100,7 +103,7 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
         store.delete_prefix(layout.grid.tune)  # on S3 this also removes the folder markers Tune wrote
         trainable = tune.with_resources(
             tune.with_parameters(grid_trainable, trial_fn=trial_fn, settings=settings, store=store,
-                                 cache_dir=cache_dir, force=force),
+                                 cache_dir=cache_dir, force=force, tracking=tracking),
             {"cpu": grid.cpus_per_trial, "gpu": grid.gpus_per_trial},
         )
         tuner = tune.Tuner(

@@ -13,10 +13,12 @@ from t2id.report.build import build_report
 from t2id.report.html import Figure, to_html, to_markdown
 from t2id.report.settings import ReportSettings, settings
 from t2id.runner import Stage, StageContext, StageResult
+from t2id.tracking import log_report, start as start_tracking
 
 
 def run(ctx: StageContext, s: ReportSettings) -> StageResult:
     store, title = ctx.store, s.report.title
+    start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before the report is built
     blocks, csvs = build_report(store, s)
     outputs: dict[str, str] = {}
     for block in blocks:
@@ -28,6 +30,7 @@ def run(ctx: StageContext, s: ReportSettings) -> StageResult:
         outputs[key] = store.write_text(key, frame.to_csv(index=False))
     outputs[layout.report.report_md] = store.write_text(layout.report.report_md, to_markdown(title, blocks))
     outputs[layout.report.index_html] = store.write_text(layout.report.index_html, to_html(title, blocks))
+    log_report(ctx.tracking, store, csvs["table_ii_stats.csv"], s.report.metric, sorted(outputs))  # MLflow run "report"
     summary: dict[str, Any] = {"index_html": store.uri(layout.report.index_html),
                                "figures": sum(isinstance(b, Figure) for b in blocks), "tables": len(csvs)}
     return StageResult(outputs=outputs, summary=summary)

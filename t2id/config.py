@@ -28,6 +28,7 @@ from t2id.label.config import LabelConfig
 from t2id.lora.config import LoraConfig
 from t2id.report.config import ReportConfig
 from t2id.split.config import SplitConfig
+from t2id.tracking import TrackingConfig
 
 STAGES: tuple[str, ...] = ("data", "split", "lora", "generate", "label", "evaluate", "grid", "report")
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -38,6 +39,9 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0, description="Root seed; every random choice in every stage derives from it.")
     stages: list[str] = Field(list(STAGES), description="Stages `t2id run` executes, in pipeline order.")
     description: str = Field("", description="Free text shown in the report.")
+    # How the run is watched, not what it produces: in no stage's settings, so it never reruns a stage.
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description="Experiment tracking: MLflow and TensorBoard (t2id.tracking).")
 
     @field_validator("id")
     @classmethod

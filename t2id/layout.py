@@ -47,6 +47,14 @@ def memo(prefix: str) -> str:
     return f"{prefix}/{MEMO}"
 
 
+MLRUNS = "mlruns"  # the default MLflow file store of a run in a local store (t2id.tracking)
+
+
+def tensorboard(stage: str, unit: str) -> str:
+    """`<stage>/logs/tensorboard/<unit>/`: TensorBoard event files of one unit of work (t2id.tracking)."""
+    return f"{stage}/logs/tensorboard/{unit}"
+
+
 class _Data:
     root = "data"
     manifest = "data/manifest.parquet"

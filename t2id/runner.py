@@ -42,6 +42,7 @@ from t2id.events import Events, LogEvents, first_line
 from t2id.hashing import sha256_json
 from t2id.resume import Damage, check_outputs, output_sizes
 from t2id.store import Store, store_from_config
+from t2id.tracking import Tracking, resolve as resolve_tracking
 
 MARKER = layout.MARKER
 S = TypeVar("S", bound=StageSettings)
@@ -64,6 +65,7 @@ class StageContext:
     endpoint_url: str | None = None  # S3 endpoint for URIs outside the run store (weights, sources)
     events: Events = field(default_factory=LogEvents)
     force: bool = False  # --force covers this stage: ignore its unit memos (t2id.resume)
+    tracking: Tracking | None = None  # MLflow / TensorBoard (run.tracking, resolved); None: off
 
     def marker(self, stage: str) -> dict[str, Any] | None:
         return read_marker(self.store, stage)
@@ -178,6 +180,7 @@ def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None 
     forced = set(enabled[enabled.index(force):]) if force else set()
 
     store = run_store(config)
+    tracking = resolve_tracking(config)
     with runlock.acquire(store, config.run.id, steal=steal_lock, events=events) as lock:
         store.write_text(layout.CONFIG, dump_config(config))
         cache_dir = Path(config.store.cache_dir).expanduser()
@@ -187,7 +190,8 @@ def run_pipeline(config: T2IDConfig, only: str | None = None, force: str | None 
             stage = stages[name]
             settings = stage.settings(config)
             ctx = StageContext(store=store, stage=name, cache_dir=cache_dir, cluster=config.cluster,
-                               endpoint_url=config.store.endpoint_url, events=events, force=name in forced)
+                               endpoint_url=config.store.endpoint_url, events=events, force=name in forced,
+                               tracking=tracking)
             identity = expected_identity(stage, settings, ctx, frozenset(enabled))
             if only:  # the upstream stages are not rerun, so their outputs are checked here
                 for upstream in stage.depends_on:

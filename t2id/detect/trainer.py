@@ -35,6 +35,7 @@ from ultralytics.utils.torch_utils import strip_optimizer, torch_distributed_zer
 
 from t2id.detect.samplers import CASSampler, EpochSampler, RFSSampler, UniformSampler
 from t2id.errors import UserError
+from t2id.tracking import detector_epoch
 
 # ultralytics' own callbacks are no-ops in this module; every other ultralytics callback module is an
 # integration (raytune, platform, events, tensorboard, mlflow, ...) that t2id does not want.
@@ -251,6 +252,7 @@ class T2IDDetectionTrainer(DetectionTrainer):
         for event, funcs in self.callbacks.items():  # also reaches the validator, which shares this dict
             self.callbacks[event] = [f for f in funcs if not is_integration_callback(f)]
         self.add_callback("on_train_epoch_start", _sync_sampler_epoch)
+        self.add_callback("on_fit_epoch_end", detector_epoch)  # logs to the grid trial's MLflow run, if any
 
     @property
     def uses_sampler(self) -> bool:

@@ -30,6 +30,7 @@ from t2id.events import Advance
 from t2id.grid.settings import GridSettings
 from t2id.resume import Memo, memoized
 from t2id.store import Store, ray_storage
+from t2id.tracking import Tracking, current, log_trial_result, trial_run
 
 TrialFn = Callable[[dict[str, Any], GridSettings, Store, str], dict[str, Any]]
 
@@ -49,7 +50,7 @@ def trial_memo(store: Store, trial: dict[str, Any], force: bool = False) -> Memo
 
 
 def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSettings, store: Store,
-                   cache_dir: str, force: bool) -> None:
+                   cache_dir: str, force: bool, tracking: Tracking | None = None) -> None:
     """Tune function trainable: train one trial (or reuse its published result) and report once.
 
     The metrics reported here are the only ones in the trial's Tune results; ultralytics' own Ray
@@ -63,7 +64,9 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
     key = layout.grid.result(trial["fold"], trial["strategy"], trial["seed"])
 
     def train() -> list[str]:
-        output = trial_fn(trial, settings, store, cache_dir)
+        with trial_run(tracking, store, trial, settings) as log, current(log):  # MLflow run per trial (t2id.tracking)
+            output = trial_fn(trial, settings, store, cache_dir)
+            log_trial_result(log, output, settings.grid.detector.epochs)
         store.write_text(key, json.dumps(output, sort_keys=True))
         return [key]
 
@@ -127,7 +130,7 @@ def trial_progress(advance: Advance) -> Any:
 
 def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, settings: GridSettings,
                cache_dir: str, force: bool = False, verbose: int = 0,
-               progress: Advance | None = None) -> TuneOutcome:
+               progress: Advance | None = None, tracking: Tracking | None = None) -> TuneOutcome:
     """Run every trial without a valid memo on Ray Tune (Ray must be initialized); collect all results.
 
     Each trial dict needs `name` (unique, folder-safe), `fold`, `strategy`, `seed` and `identity`; everything
@@ -151,7 +154,7 @@ def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, se
         store.delete_prefix(layout.grid.tune)  # on S3 this also removes the folder markers Tune wrote
         trainable = tune.with_resources(
             tune.with_parameters(grid_trainable, trial_fn=trial_fn, settings=settings, store=store,
-                                 cache_dir=cache_dir, force=force),
+                                 cache_dir=cache_dir, force=force, tracking=tracking),
             {"cpu": grid.cpus_per_trial, "gpu": grid.gpus_per_trial},
         )
         tuner = tune.Tuner(

@@ -22,6 +22,7 @@ from t2id.grid.core import detect_trial, plan_trials, tables
 from t2id.grid.ray_layer import TrialFn, raise_on_errors, run_trials
 from t2id.grid.settings import GridSettings, settings
 from t2id.runner import Stage, StageContext, StageResult, outputs_digest
+from t2id.tracking import start as start_tracking
 
 UPSTREAM = ("data", "split")  # what every trial trains from (the synthetic set is hashed per trial)
 
@@ -41,8 +42,10 @@ def run_grid(ctx: StageContext, s: GridSettings, trial_fn: TrialFn) -> StageResu
             # (On a cluster an autoscaler may add the nodes, so no check there.)
             _check_resources(s.grid.cpus_per_trial, s.grid.gpus_per_trial)
         cache_dir = str(Path(ctx.cache_dir).expanduser().resolve())  # Tune workers run in their trial dir
+        start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before any trial trains
         with ctx.events.progress("grid: trials", len(trials)) as advance:
-            outcome = run_trials(trials, trial_fn, ctx.store, s, cache_dir, force=ctx.force, progress=advance)
+            outcome = run_trials(trials, trial_fn, ctx.store, s, cache_dir, force=ctx.force, progress=advance,
+                                 tracking=ctx.tracking)
         raise_on_errors(outcome, s.grid.max_retries)
         results, reused = outcome.results, outcome.reused
     trials_table, curves_table = tables(trials, results, skipped, list(s.grid.strategies), classes)

@@ -48,6 +48,7 @@ from t2id.lora.train import (
     unwrap,
 )
 from t2id.store import Store, ray_storage
+from t2id.tracking import Tracking, lora_run
 
 LOG_SCHEMA = pa.schema([
     pa.field("step", pa.int64()),  # optimizer steps done (1-based)
@@ -125,6 +126,7 @@ def train_func(config: dict[str, Any]) -> None:
     def after_step(state: TrainState, row: dict[str, Any]) -> None:
         if rank == 0 and config.get("progress") is not None:  # the driver's progress bar (fire and forget)
             config["progress"].set.remote(f"fold={fold}", state.step)
+        log.log({"loss": row["loss"], "lr": row["lr"]}, step=state.step)  # `log`: the fold's run, opened below
         last = state.step == schedule.total_steps
         if state.step % cfg.checkpoint_every_steps and not last:
             return
@@ -140,7 +142,9 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0 and cfg.validation_images and ((epoch + 1) % cfg.validation_every_epochs == 0 or last):
             write_validation_images(pipe, state, cfg, store, fold, epoch, seed)
 
-    fit(state, cache, cfg, seed, rank, world, Hooks(after_step=after_step, after_epoch=after_epoch))
+    # run.tracking: rank 0 logs the fold's loss curve to MLflow / TensorBoard; the other ranks get a no-op log.
+    with lora_run(config.get("tracking") if rank == 0 else None, store, fold, seed, resumed_from) as log:
+        fit(state, cache, cfg, seed, rank, world, Hooks(after_step=after_step, after_epoch=after_epoch))
 
     # 4. Outputs.
     record = {
@@ -157,7 +161,8 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig, seed: int, cache_dir: Path,
-               run_name: str, endpoint_url: str | None = None, progress: Any = None):
+               run_name: str, endpoint_url: str | None = None, progress: Any = None,
+               tracking: Tracking | None = None):
     """Train fold `fold`'s adapter with Ray Train (Ray must be initialized); outputs land under
     layout.lora.fold(fold), checkpoints under layout.lora.ray_run(run_name). Returns Ray's Result.
     `progress`: a t2id.raycluster.progress_relay handle that rank 0 tells its optimizer step."""
@@ -171,7 +176,8 @@ def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"lora": cfg, "store": store, "fold": fold, "seed": seed, "examples": examples,
-                           "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress},
+                           "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress,
+                           "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

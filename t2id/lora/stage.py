@@ -28,6 +28,7 @@ from t2id.lora.settings import LoraSettings, settings
 from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
 from t2id.store import Store
+from t2id.tracking import start as start_tracking
 
 
 SEED_SALT = "lora"  # hashed with run.seed and the fold into the fold's seed (not a store key)
@@ -88,9 +89,10 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
     if ctx.force:  # retrain from scratch: Ray Train would otherwise restore this run's last checkpoint
         store.delete_prefix(layout.lora.ray_run(run_name))
     ensure_ray(ctx.cluster)
+    start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before training
     with progress_relay(advance or (lambda n=1, status=None: None)) as relay:
         train_fold(store, fold, examples, s.lora, seed, Path(ctx.cache_dir), run_name=run_name,
-                   endpoint_url=ctx.endpoint_url, progress=relay)
+                   endpoint_url=ctx.endpoint_url, progress=relay, tracking=ctx.tracking)
     return [layout.lora.adapter(fold), layout.lora.train_ids(fold), layout.lora.train_log(fold)]
 
 

@@ -13,12 +13,14 @@ from t2id.report.build import build_report
 from t2id.report.html import Figure, Table, to_html, to_markdown
 from t2id.report.settings import ReportSettings, settings
 from t2id.runner import Stage, StageContext, StageResult
+from t2id.tracking import log_report, start as start_tracking
 
 TABLE_II_CSV = "table_ii.csv"  # t2id.report.build names Table II's block after its CSV
 
 
 def run(ctx: StageContext, s: ReportSettings) -> StageResult:
     store, title = ctx.store, s.report.title
+    start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before the report is built
     blocks, csvs = build_report(store, s)
     for block in blocks:  # the headline numbers on the console too: a strategy per row, means only
         if isinstance(block, Table) and block.csv_name == TABLE_II_CSV:
@@ -36,6 +38,7 @@ def run(ctx: StageContext, s: ReportSettings) -> StageResult:
         outputs[key] = store.write_text(key, frame.to_csv(index=False))
     outputs[layout.report.report_md] = store.write_text(layout.report.report_md, to_markdown(title, blocks))
     outputs[layout.report.index_html] = store.write_text(layout.report.index_html, to_html(title, blocks))
+    log_report(ctx.tracking, store, csvs["table_ii_stats.csv"], s.report.metric, sorted(outputs))  # MLflow run "report"
     summary: dict[str, Any] = {"index_html": store.uri(layout.report.index_html),
                                "figures": sum(isinstance(b, Figure) for b in blocks), "tables": len(csvs)}
     return StageResult(outputs=outputs, summary=summary)

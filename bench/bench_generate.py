@@ -1,13 +1,17 @@
-"""Benchmark: images/s of the Ray Data generation path vs a plain serial diffusers loop.
+"""Benchmark: images/s of the Ray generation path (the stage's warm actor pool) vs a plain serial diffusers loop.
 
 Reference (measured in the same run): a serial loop over the same plan with the same tiny SDXL,
-one torch thread, one `torch.Generator` per image, PNG written to a local store. Compared:
-  - Ray path, 1 actor x 1 CPU (same resources as the reference; goal >= 0.95x)
-  - Ray path, 2 actors x 1 CPU each
+one torch thread, the same pipeline calls as the worker (one call per batch of --batch-size rows,
+one `torch.Generator` per image: generate.batched_pipeline's default), PNG written to a local store.
+Compared (issue 17 goals in brackets):
+  - Ray path, 1 actor x 1 CPU (same resources as the reference; >= 0.95x steady, >= 0.9x end to end)
+  - Ray path, 2 actors x 1 CPU each (>= 1.8x the 1-actor figure; needs 2 idle cores)
+The plan is split into --folds folds (2 by default, base model without adapters) run one after the other on
+one pool, as the stage does, so the figure includes the fold switch.
 Two figures per configuration:
   - end to end: wall time including loading the pipeline (the reference loads it once in-process;
-    each actor starts a Python process and loads it once) and, for Ray, listing/verifying the store
-    and writing the manifest: what a user waits for;
+    each actor starts a Python process and loads it once for all folds) and, for Ray, listing/verifying
+    the store and writing the manifests: what a user waits for;
   - steady state: images/s between the first and the last finished image (serial) or batch (Ray),
     i.e. without the fixed start-up cost, which a 300-images-per-class run amortizes.
 
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="rows per Ray Data batch")
     parser.add_argument("--only-ray", type=int, default=None, metavar="WORKERS",
                         help="skip the comparison; one Ray run with this many actors, report wall time + peak memory")
+    parser.add_argument("--folds", type=int, default=2, help="folds the images are split into (one pool)")
     parser.add_argument("--cache", default=None, help="model cache dir (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -56,7 +61,7 @@ class PeakMemory:
         total = psutil.Process().memory_info().rss
         for proc in psutil.process_iter(["cmdline", "memory_info"]):
             cmd = " ".join(proc.info["cmdline"] or [])
-            if "ImageGenerator" in cmd and proc.info["memory_info"] is not None:
+            if "PoolActor" in cmd and proc.info["memory_info"] is not None:
                 total += proc.info["memory_info"].rss
         return total
 
@@ -81,21 +86,29 @@ def make_settings(args, workers: int):
     from t2id.generate.config import GenerateConfig
     from t2id.generate.settings import GenerateSettings
 
-    g = GenerateConfig(images_per_class=args.images, width=args.size, height=args.size, steps=args.steps,
+    g = GenerateConfig(images_per_class=args.images // args.folds, width=args.size, height=args.size,
+                       steps=args.steps,
                        batch_size=args.batch_size, concurrency=workers, cpus_per_actor=1,
                        quality={"min_std": 0, "min_entropy": 0})  # no top-up: same image count everywhere
-    classes, _ = plan_for(args)
+    classes = plan_classes()
     return GenerateSettings(generate=g, target_classes=[{"name": c.name, "prompts": list(c.prompts)} for c in classes],
                             base_model="tiny", allow_network=False, run_seed=0, use_adapter=False, folds=None,
                             clip_weights=None)
 
 
-def plan_for(args):
-    from t2id.generate.plan import GenParams, PlanClass, initial_plan
+def plan_classes():
+    from t2id.generate.plan import PlanClass
 
-    params = GenParams("", args.steps, 7.5, "euler", args.size, args.size, "tiny", "")
-    classes = [PlanClass("vocal fold", 5, ("High-resolution ultrasound scan of the human vocal fold",))]
-    return classes, initial_plan(0, 0, classes, params, args.images)
+    return [PlanClass("vocal fold", 5, ("High-resolution ultrasound scan of the human vocal fold",))]
+
+
+def plan_for(args) -> list[dict]:
+    """Every fold's rows, as the stage plans them (images split evenly over the folds)."""
+    from t2id.generate.plan import gen_params, initial_plan
+
+    s = make_settings(args, 1)
+    return [row for fold in range(args.folds)
+            for row in initial_plan(0, fold, plan_classes(), gen_params(s, ""), args.images // args.folds)]
 
 
 def steady_rate(stamps: list[tuple[float, int]]) -> float:
@@ -106,7 +119,7 @@ def steady_rate(stamps: list[tuple[float, int]]) -> float:
 
 
 def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
-    """A plain diffusers loop over the plan: load once, one image per call, PNG to a local store."""
+    """A plain diffusers loop over the plan: load once, one call per batch, PNG to a local store."""
     import torch
 
     from t2id.generate.worker import png_bytes
@@ -115,23 +128,26 @@ def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
 
     torch.set_num_threads(1)
     store = open_store(str(out))
-    _, rows = plan_for(args)
+    rows = plan_for(args)
     stamps = []
     t0 = time.perf_counter()
     pipe = load_sdxl_pipeline("tiny", cache)
-    for row in rows:
-        generator = torch.Generator("cpu").manual_seed(row["seed"])
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start:start + args.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(row["seed"]) for row in batch]
         with torch.inference_mode():
-            image = pipe(prompt=row["prompt"], num_inference_steps=args.steps, guidance_scale=7.5,
-                         width=args.size, height=args.size, generator=generator, output_type="np").images[0]
-        store.write_bytes(row["key"], png_bytes((image.clip(0, 1) * 255).round().astype("uint8")))
-        stamps.append((time.perf_counter(), 1))
+            images = pipe(prompt=[row["prompt"] for row in batch], num_inference_steps=args.steps,
+                          guidance_scale=7.5, width=args.size, height=args.size, generator=generators,
+                          output_type="np").images
+        for row, image in zip(batch, images):
+            store.write_bytes(row["key"], png_bytes((image.clip(0, 1) * 255).round().astype("uint8")))
+        stamps.append((time.perf_counter(), len(batch)))
     return time.perf_counter() - t0, steady_rate(stamps)
 
 
 def ray_path(args, cache: Path, out: Path, workers: int) -> tuple[float, float]:
     from t2id.generate.core import generate_fold
-    from t2id.generate.ray_layer import run_ray
+    from t2id.generate.ray_layer import WarmPool
     from t2id.generate.worker import ImageGenerator
     from t2id.store import open_store
 
@@ -139,19 +155,20 @@ def ray_path(args, cache: Path, out: Path, workers: int) -> tuple[float, float]:
     store = open_store(str(out))
     s = make_settings(args, workers)
 
-    def timed(rows, on_batch):
-        def stamped(batch):
-            stamps.append((time.perf_counter(), len(batch["key"])))
-            on_batch(batch)
-
-        run_ray(rows, stamped, worker_cls=ImageGenerator, settings=s, store=store, fold=0, g=s.generate,
-                cache_dir=str(cache))
-
-    classes, _ = plan_for(args)
     t0 = time.perf_counter()
-    outcome = generate_fold(store, s, 0, classes, timed)
-    seconds = time.perf_counter() - t0
-    assert outcome.generated == args.images, outcome.generated
+    generated = 0
+    with WarmPool(ImageGenerator, s, store, s.generate, str(cache)) as pool:
+        def timed(rows, on_batch):
+            def stamped(batch):
+                stamps.append((time.perf_counter(), len(batch["key"])))
+                on_batch(batch)
+
+            pool(rows, stamped)
+
+        for fold in range(args.folds):  # one pool for every fold, as the stage runs them
+            generated += generate_fold(store, s, fold, plan_classes(), timed).generated
+        seconds = time.perf_counter() - t0
+    assert generated == args.folds * (args.images // args.folds), generated
     return seconds, steady_rate(stamps)
 
 
@@ -176,14 +193,19 @@ def main(args: argparse.Namespace) -> None:
                   f"{steady:.2f} images/s steady; peak RSS driver+actors {mem.peak_bytes / 2**20:.0f} MiB "
                   f"(driver max RSS {driver_peak:.0f} MiB); load average now {os.getloadavg()[0]:.1f}")
             return
+        args.images = args.folds * (args.images // args.folds)
         serial, serial_steady = serial_reference(args, cache, tmp / "serial")
         print(f"serial diffusers loop (reference): {serial:.1f} s, {args.images / serial:.2f} images/s end to end, "
               f"{serial_steady:.2f} images/s steady")
+        one: tuple[float, float] | None = None
         for workers in (1, 2):
             seconds, steady = ray_path(args, cache, tmp / f"ray{workers}", workers)
+            versus_one = (f"; vs 1 actor {one[0] / seconds:.2f}x end to end, {steady / one[1]:.2f}x steady"
+                          if one else "")
             print(f"ray x{workers}: {seconds:.1f} s, {args.images / seconds:.2f} images/s end to end "
                   f"(ratio {serial / seconds:.2f}x), {steady:.2f} images/s steady "
-                  f"(ratio {steady / serial_steady:.2f}x)")
+                  f"(ratio {steady / serial_steady:.2f}x){versus_one}")
+            one = one or (seconds, steady)
         print(f"load average now {os.getloadavg()[0]:.1f}")
     finally:
         ray.shutdown()

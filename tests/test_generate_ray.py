@@ -1,5 +1,6 @@
-"""Generation with the tiny SDXL + a LoRA adapter: the callable class alone, then through Ray Data;
-exactly-once under a crashing actor and under a killed driver; quality gate and top-up."""
+"""Generation with the tiny SDXL + a LoRA adapter: the callable class alone (batched, fused adapters,
+fold swaps), then on the warm Ray actor pool; exactly-once under a crashing actor and under a killed
+driver; one pool for every fold; quality gate and top-up."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from t2id import layout
 from t2id.configbase import StageSettings
 from t2id.generate.config import GenerateConfig
 from t2id.generate.core import LocalExecutor, generate_fold, worker_batch
 from t2id.generate.plan import GenParams, PlanClass, initial_plan
-from t2id.generate.ray_layer import run_ray
+from t2id.generate.ray_layer import WarmPool, run_ray
 from t2id.generate.settings import GenerateSettings
 from t2id.generate.worker import ImageGenerator
 from t2id.lora.config import TargetClass
@@ -34,7 +36,7 @@ CLASSES = [PlanClass("tracheal ring", 2, ("ultrasound of the tracheal ring",)),
            PlanClass("vocal fold", 5, ("ultrasound of the vocal fold",))]
 
 
-def make_adapter(cache_dir: Path, out_dir: Path) -> Path:
+def make_adapter(cache_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """A LoRA on the tiny UNet's attention projections with perturbed weights, saved in diffusers
     format with `save_lora_weights`: the file the lora stage publishes."""
     from diffusers import StableDiffusionXLPipeline
@@ -46,7 +48,7 @@ def make_adapter(cache_dir: Path, out_dir: Path) -> Path:
 
     pipe = load_sdxl_pipeline("tiny", cache_dir)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in pipe.unet.named_parameters():
             if "lora_B" in name:  # B = 0 at init would make the adapter a no-op
@@ -60,7 +62,8 @@ def make_adapter(cache_dir: Path, out_dir: Path) -> Path:
 def tiny(tmp_path_factory) -> dict:
     cache = tmp_path_factory.mktemp("gen-cache")
     adapter = make_adapter(cache, tmp_path_factory.mktemp("adapter"))
-    return {"cache": cache, "adapter": adapter}
+    other = make_adapter(cache, tmp_path_factory.mktemp("adapter1"), seed=1)
+    return {"cache": cache, "adapter": adapter, "adapter_fold1": other}
 
 
 def gen_settings(classes=CLASSES, use_adapter: bool = True, **kw) -> GenerateSettings:
@@ -74,8 +77,10 @@ def gen_settings(classes=CLASSES, use_adapter: bool = True, **kw) -> GenerateSet
 
 
 def with_adapter(store, tiny):
+    """Fold 0's and fold 1's adapters (different weights) in the store."""
     if not store.exists(ADAPTER_KEY):
         store.write_file(ADAPTER_KEY, tiny["adapter"])
+        store.write_file(layout.lora.adapter(1), tiny["adapter_fold1"])
     return store
 
 
@@ -86,7 +91,7 @@ def local_executor(store, s: GenerateSettings, tiny) -> LocalExecutor:
 
 
 def ray_executor(store, s: GenerateSettings, tiny, worker_cls: type = ImageGenerator):
-    return partial(run_ray, worker_cls=worker_cls, settings=s, store=with_adapter(store, tiny), fold=0,
+    return partial(run_ray, worker_cls=worker_cls, settings=s, store=with_adapter(store, tiny),
                    g=s.generate, cache_dir=str(tiny["cache"]))
 
 
@@ -108,7 +113,8 @@ def assert_store_equals_plan(store, outcome) -> None:
 
 
 def test_callable_class_without_ray_same_seed_same_image(tmp_path, tiny):
-    """__call__ directly: PNGs + records written; an image depends only on its seed, not its batch."""
+    """__call__ directly (batched by default): PNGs + records written; the same batch gives the same bytes
+    (a retried batch rewrites the same key); unbatched, an image depends only on its seed, not its batch."""
     store = with_adapter(open_store(str(tmp_path / "store")), tiny)
     s = gen_settings(CLASSES[:1], quality={"min_std": 30, "min_entropy": 4.7})
     params = GenParams("", 2, 7.5, "euler", 64, 64, "tiny", store.sha256(ADAPTER_KEY))
@@ -124,21 +130,73 @@ def test_callable_class_without_ray_same_seed_same_image(tmp_path, tiny):
         assert record["lora_sha256"] == params.lora_sha256 and record["base_model"] == "tiny"
     three = [store.read_bytes(r["key"]) for r in rows]
     assert len(set(three)) == 3  # different seeds, different images
+    assert s.generate.batched_pipeline  # the default: one pipeline call per batch
 
-    alone = gen(worker_batch(rows[1:2], ImageGenerator.PLAN_COLUMNS))  # the middle row on its own
-    assert alone["sha256"][0] == out["sha256"][1]
+    # A retried batch (same rows, same composition) rewrites the same keys with the same bytes.
+    store.write_bytes(rows[0]["key"], b"orphan of a killed attempt")
+    retried = gen(worker_batch(rows, ImageGenerator.PLAN_COLUMNS))
+    assert list(retried["sha256"]) == list(out["sha256"]) and [store.read_bytes(r["key"]) for r in rows] == three
 
     # Batched pipeline calls: same latents per seed; float rounding may move a pixel by one grey level.
-    gen.batched_pipeline = True
     batched = gen.render([r["prompt"] for r in rows], [""] * 3, [r["seed"] for r in rows])
     single = gen.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])
     assert np.abs(batched[1].astype(int) - single[0].astype(int)).max() <= 1
+
+    gen.batched_pipeline = False  # one call per image: the row alone gives the bytes it got in its batch
+    unbatched = gen(worker_batch(rows, ImageGenerator.PLAN_COLUMNS))
+    alone = gen(worker_batch(rows[1:2], ImageGenerator.PLAN_COLUMNS))  # the middle row on its own
+    assert alone["sha256"][0] == unbatched["sha256"][1]
 
     # The adapter matters: the base model alone (lora not in run.stages) draws a different image.
     base = ImageGenerator(gen_settings(CLASSES[:1], use_adapter=False), store, 0, str(tiny["cache"]), torch_threads=1)
     assert base.provenance["lora_sha256"] == ""
     assert not np.array_equal(base.render([rows[1]["prompt"]], [""], [rows[1]["seed"]])[0], single[0])
 
+
+def test_fused_adapter_matches_unfused_and_fold_swaps_restore_the_base_exactly(tmp_path, tiny):
+    """The worker fuses the fold's LoRA into the weights: same image as the unfused adapter within float
+    rounding. Swapping to another fold and back gives back the very same bytes (exact base weights)."""
+    store = with_adapter(open_store(str(tmp_path / "store")), tiny)
+    s = gen_settings(CLASSES[:1])
+    gen = ImageGenerator(s, store, 0, str(tiny["cache"]), torch_threads=1)
+    prompts, negatives, seeds = ["ultrasound of the tracheal ring"] * 2, [""] * 2, [11, 12]
+    fused = gen.render(prompts, negatives, seeds)
+    gen.pipe.unfuse_lora()  # the same adapter, applied by the LoRA layers at every forward instead
+    unfused = gen.render(prompts, negatives, seeds)
+    gen.pipe.fuse_lora()
+    for a, b in zip(fused, unfused):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    gen.use_fold(1)
+    assert gen.provenance["lora_sha256"] == store.sha256(layout.lora.adapter(1))
+    fold1 = gen.render(prompts, negatives, seeds)
+    assert not np.array_equal(fold1[0], fused[0])  # another adapter, another image
+    gen.use_fold(0)
+    assert all(np.array_equal(a, b) for a, b in zip(gen.render(prompts, negatives, seeds), fused))
+    fresh = ImageGenerator(s, store, 1, str(tiny["cache"]), torch_threads=1)  # fold 1 without a history
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.render(prompts, negatives, seeds), fold1))
+    assert gen.stats["pipeline_loads"] == 1 and gen.stats["adapter_loads"] == 3
+
+
+def test_one_warm_pool_serves_every_fold_and_reloads_nothing(ray_local, tiny, tmp_path):
+    """Two folds, each with its top-up rounds, on one pool: the same actor processes, one pipeline load
+    each, the adapter swapped by the fold column; each fold's images exactly once, with its own adapter."""
+    store = with_adapter(open_store(str(tmp_path / "store")), tiny)
+    s = gen_settings(images_per_class=2, concurrency=2)
+    with WarmPool(ImageGenerator, s, store, s.generate, str(tiny["cache"])) as pool:
+        first = generate_fold(store, s, 0, CLASSES, pool)
+        before = pool.stats()
+        second = generate_fold(store, s, 1, CLASSES, pool)
+        after = pool.stats()
+    assert first.generated == second.generated == 4
+    assert len(before) == 2 and sorted(a["pid"] for a in after) == sorted(a["pid"] for a in before)
+    assert all(a["pipeline_loads"] == 1 for a in after)
+    assert sum(a["adapter_loads"] for a in after) >= 3  # fold 0 on each actor, then fold 1 at least once
+    for fold, outcome in ((0, first), (1, second)):
+        manifest = store.read_table(layout.generate.manifest(fold)).to_pylist()
+        assert len(manifest) == len({r["key"] for r in outcome.plan}) == 4
+        assert {r["lora_sha256"] for r in manifest} == {store.sha256(layout.lora.adapter(fold))}
+    assert not {r["sha256"] for r in first.records.values()} & {r["sha256"] for r in second.records.values()}
 
 def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
     """Orchestration without Ray (LocalExecutor): a PNG that no longer matches its record is redone."""
@@ -151,7 +209,9 @@ def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
     store.write_bytes(key, b"not a png")
     again = generate(store, s, local)
     assert (again.generated, again.reused) == (1, 3)
-    assert store.read_bytes(key) == good  # same seed, same bytes
+    # Same seed, same image; redone alone instead of in its batch of 2, a pixel may move by one grey level.
+    redone = np.asarray(Image.open(io.BytesIO(store.read_bytes(key))), dtype=int)
+    assert np.abs(redone - np.asarray(Image.open(io.BytesIO(good)), dtype=int)).max() <= 1
     assert_store_equals_plan(store, again)
 
 
@@ -260,7 +320,7 @@ s = GenerateSettings(generate=g, target_classes=[{"name": "vocal fold", "prompts
                      base_model="tiny", allow_network=False, run_seed=0, use_adapter=True, folds=None,
                      clip_weights=None)
 store = open_store(sys.argv[2])
-executor = partial(run_ray, worker_cls=ImageGenerator, settings=s, store=store, fold=0, g=g, cache_dir=sys.argv[3])
+executor = partial(run_ray, worker_cls=ImageGenerator, settings=s, store=store, g=g, cache_dir=sys.argv[3])
 generate_fold(store, s, 0, [PlanClass("vocal fold", 5, ("a vocal fold",))], executor)
 """
 
@@ -302,8 +362,6 @@ def test_stage_end_to_end_then_second_run_generates_nothing(ray_local, tiny, tmp
     forced rerun finds every image in place; a cross-section value re-runs generate only when
     generate's settings hold it."""
     import importlib
-
-    from PIL import Image
 
     from t2id.config import validate_config
     from t2id.runner import Stage, StageResult, run_pipeline

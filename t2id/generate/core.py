@@ -7,7 +7,7 @@
      again, so there is never a second copy, and a row is never lost: until its record is
      written, it counts as missing.
   3. Execute the pending rows: an `Executor` renders them and hands back finished batches. The
-     stage's executor is t2id.generate.ray_layer.run_ray (Ray Data on an actor pool); this module
+     stage's executor is t2id.generate.ray_layer.WarmPool (warm Ray actors for every fold); this module
      stays Ray-free, and `LocalExecutor` runs one worker in-process (tests, debugging).
   4. Gate: re-judge every row from its recorded std/entropy/CLIP score with the current
      thresholds. A class short of N kept images gets a top-up round of (N - kept) rows with the

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from functools import partial
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 from PIL import Image
@@ -30,6 +31,9 @@ from t2id.generate.settings import GenerateSettings, settings
 from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
 from t2id.store import Store
+
+if TYPE_CHECKING:
+    from t2id.generate.ray_layer import WarmPool
 
 
 def write_contact_sheets(store: Store, fold: int, classes: list[PlanClass], outcome: FoldOutcome,
@@ -64,29 +68,42 @@ def fold_memo(ctx: StageContext, s: GenerateSettings, fold: int, classes: list[P
     return Memo(store, layout.memo(layout.generate.fold(fold)), identity, ignore=ctx.force)
 
 
-def generate_one_fold(ctx: StageContext, s: GenerateSettings, fold: int,
-                      classes: list[PlanClass]) -> tuple[list[str], dict]:
-    """Generate the fold with Ray Data; (output keys, summary facts)."""
-    from t2id.generate.ray_layer import run_ray
-    from t2id.generate.worker import ImageGenerator
+def generate_one_fold(ctx: StageContext, s: GenerateSettings, fold: int, classes: list[PlanClass],
+                      pool: WarmPool) -> tuple[list[str], dict]:
+    """Generate the fold on the stage's warm actor pool; (output keys, summary facts)."""
     from t2id.raycluster import ensure_ray
 
     store, g = ctx.store, s.generate
     ensure_ray(ctx.cluster)
-    executor = partial(run_ray, worker_cls=ImageGenerator, settings=s, store=store, fold=fold, g=g,
-                       cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
-    outcome = generate_fold(store, s, fold, classes, executor, ctx.events)
+    outcome = generate_fold(store, s, fold, classes, pool, ctx.events)
     sheets = write_contact_sheets(store, fold, classes, outcome, g.contact_sheet_images, g.contact_sheet_thumb)
     manifest = store.read_table(layout.generate.manifest(fold))
     facts = {
         "generated": outcome.generated, "reused": outcome.reused, "removed_stale": outcome.removed,
         "kept_fraction": round(pc.mean(manifest["kept"].cast("int8")).as_py() or 0.0, 4),
         "classes": {name: vars(c) for name, c in outcome.classes.items()},
+        "pool": pool_facts(pool),
     }
     return [layout.generate.plan(fold), layout.generate.manifest(fold), *sheets], facts
 
 
+def pool_facts(pool: WarmPool) -> dict:
+    """The warm pool so far in this stage: its actors, and how often they loaded the pipeline and adapters."""
+    stats = pool.stats() if pool.actors else []
+    return {"actors": len(stats), "pipeline_loads": sum(a["pipeline_loads"] for a in stats),
+            "adapter_loads": sum(a["adapter_loads"] for a in stats), "pids": sorted(a["pid"] for a in stats)}
+
+
 def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
+    from t2id.generate.ray_layer import WarmPool
+    from t2id.generate.worker import ImageGenerator
+
+    # One pool for every fold and top-up round: each actor loads the pipeline once and swaps adapters.
+    with WarmPool(ImageGenerator, s, ctx.store, s.generate, str(ctx.cache_dir), ctx.endpoint_url) as pool:
+        return run_folds(ctx, s, pool)
+
+
+def run_folds(ctx: StageContext, s: GenerateSettings, pool: WarmPool) -> StageResult:
     store = ctx.store
     classes = plan_classes(s.target_classes, load_classes(store))
     folds = select_folds(store, s.folds, s.folds_field)
@@ -100,7 +117,8 @@ def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
     summary: dict[str, object] = {"folds": {}, "shortfall": 0, "generated": 0, "reused": 0,
                                   "entropy_units": "bits (Shannon, 256 grey levels)", "std_units": "grey levels 0-255"}
     for fold in folds:
-        memo, reused = memoized(fold_memo(ctx, s, fold, classes), partial(generate_one_fold, ctx, s, fold, classes))
+        memo, reused = memoized(fold_memo(ctx, s, fold, classes),
+                                partial(generate_one_fold, ctx, s, fold, classes, pool))
         facts = memo["extra"]
         if reused:  # a finished fold of an earlier run with the same identity: nothing re-verified
             attempted = sum(c["attempted"] for c in facts["classes"].values())

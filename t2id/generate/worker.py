@@ -1,22 +1,26 @@
-"""Ray Data callable class that turns plan rows into PNGs in the store (STYLE.md item 4).
+"""Callable class that turns plan rows into PNGs in the store (STYLE.md item 4).
 
-`__init__` loads the SDXL pipeline and the fold's LoRA adapter once per actor; `__call__`
-takes a batch of plan rows and, for each row:
-  1. draws its initial latents from its own `torch.Generator` seeded with the row's seed,
-     so an image depends only on its seed, not on the batch it lands in or the worker;
+`__init__` loads the SDXL pipeline once per process; the fold's LoRA adapter is loaded and fused
+into the weights when a batch of that fold arrives (`use_fold`: the fold is a column of the plan
+rows), so one warm actor serves every fold and top-up round of a stage (t2id.generate.ray_layer).
+`__call__` takes a batch of plan rows (all of one fold) and:
+  1. renders them, by default in one pipeline call per batch with one `torch.Generator` per image
+     seeded with the row's seed (generate.batched_pipeline; off: one call per image, so an image's
+     bytes depend only on its seed, not on its batch);
   2. measures the quality gate (t2id.generate.quality) and, when enabled, the CLIP score;
   3. writes the PNG atomically at the row's deterministic key, then a small JSON record of
      its provenance (incl. the PNG's sha256) next to it. The record is the commit point: a
      row counts as done only when its record exists and the PNG's checksum matches it, so a
      killed actor or driver leaves at worst an orphan PNG that the retry overwrites in place;
   4. returns the provenance columns for the driver's manifest.
-The class is plain Python: tests call it directly, the stage runs it under `map_batches`.
+The class is plain Python: tests call it directly, the stage runs it on Ray actors.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +74,12 @@ class ImageGenerator:
     weights outside the store, the device its actor was placed on.
     """
 
-    PLAN_COLUMNS = ("key", "record_key", "params_digest", "prompt", "negative_prompt", "seed")  # read by __call__
+    # read by __call__; "fold" picks the adapter
+    PLAN_COLUMNS = ("key", "record_key", "params_digest", "prompt", "negative_prompt", "seed", "fold")
 
-    def __init__(self, settings: GenerateSettings, store: Store, fold: int, cache_dir: str,
+    def __init__(self, settings: GenerateSettings, store: Store, fold: int | None, cache_dir: str,
                  endpoint_url: str | None = None, device: str = "cpu", torch_threads: int | None = None) -> None:
+        """`fold`: the adapter to load now (None: load it with the first batch, which names its fold)."""
         from t2id.lora.models import load_sdxl_pipeline
 
         s = GenerateSettings.model_validate(settings.model_dump())
@@ -85,45 +91,97 @@ class ImageGenerator:
         self.steps, self.guidance, self.width, self.height = g.steps, g.guidance, g.width, g.height
         self.gate = g.quality
         self.batched_pipeline = g.batched_pipeline
-        adapter_key = layout.lora.adapter(fold) if s.use_adapter else None
-        lora_sha256 = store.sha256(adapter_key) if adapter_key else ""
-        self.provenance = {"base_model": s.base_model, "lora_sha256": lora_sha256, "scheduler": g.scheduler}
-        cache = Path(cache_dir).expanduser()
-        self.pipe = load_sdxl_pipeline(s.base_model, cache, allow_network=s.allow_network,
+        self.use_adapter = s.use_adapter
+        self.cache = Path(cache_dir).expanduser()
+        self.provenance = {"base_model": s.base_model, "lora_sha256": "", "scheduler": g.scheduler}
+        self.pipe = load_sdxl_pipeline(s.base_model, self.cache, allow_network=s.allow_network,
                                        torch_dtype=resolve_dtype(g.dtype, device), device=device,
                                        endpoint_url=endpoint_url)
+        # What this process did, for the stage's facts and the warm-pool tests: one pipeline load per
+        # process, one adapter load per fold switch.
+        self.stats = {"pid": os.getpid(), "pipeline_loads": 1, "adapter_loads": 0}
         if g.scheduler != "default":
             import diffusers
 
             cls = getattr(diffusers, SCHEDULER_CLASSES[g.scheduler])
             self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
-        if adapter_key:
-            # The adapter is content-addressed in the local cache, so every actor on a node reuses one copy.
-            local_dir = cache / "adapters" / lora_sha256[:16]
-            local_file = local_dir / layout.lora.adapter_file
-            if not local_file.exists():
-                store.read_file(adapter_key, local_file)
-            from diffusers.utils import logging as diffusers_logging
-
-            # The lora stage adapts the UNet only unless lora.train_text_encoder (then the file also holds
-            # both encoders' LoRA, loaded here too); without this, a UNet-only adapter makes diffusers log
-            # one "no LoRA keys for text_encoder(_2)" line per actor.
-            level = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()
-            try:
-                self.pipe.load_lora_weights(str(local_dir))
-            finally:
-                diffusers_logging.set_verbosity(level)
+        self.fold: int | None = None  # the fold whose adapter is fused into the weights now
+        self._base_weights: dict[tuple[str, str], torch.Tensor] = {}
+        if fold is not None:
+            self.use_fold(fold)
         self.clip = None
         if self.gate.min_clip_score is not None:
             from t2id.evaluate.clip_score import ClipScorer
 
-            self.clip = ClipScorer(s.clip_weights, cache, device=device, endpoint_url=endpoint_url)
+            self.clip = ClipScorer(s.clip_weights, self.cache, device=device, endpoint_url=endpoint_url)
+
+    def use_fold(self, fold: int) -> None:
+        """Make the pipeline draw with `fold`'s adapter, fused into the weights (no LoRA detour per forward).
+
+        A switch unfuses and unloads the previous adapter, then copies back the exact base weights it had
+        touched: unfusing subtracts the delta in floating point, which would leave the weights a few ulps
+        off and make an image depend on which folds its actor served before."""
+        if fold == self.fold:
+            return
+        self.fold = fold
+        if not self.use_adapter:
+            return
+        adapter_key = layout.lora.adapter(fold)
+        lora_sha256 = self.store.sha256(adapter_key)
+        if self._base_weights:
+            self.pipe.unfuse_lora()
+            self.pipe.unload_lora_weights()
+            self._restore_base_weights()
+        # The adapter is content-addressed in the local cache, so every actor on a node reuses one copy.
+        local_dir = self.cache / "adapters" / lora_sha256[:16]
+        local_file = local_dir / layout.lora.adapter_file
+        if not local_file.exists():
+            self.store.read_file(adapter_key, local_file)
+        from diffusers.utils import logging as diffusers_logging
+
+        # The lora stage adapts the UNet only unless lora.train_text_encoder (then the file also holds
+        # both encoders' LoRA, loaded here too); without this, a UNet-only adapter makes diffusers log
+        # one "no LoRA keys for text_encoder(_2)" line per actor.
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            self.pipe.load_lora_weights(str(local_dir))
+        finally:
+            diffusers_logging.set_verbosity(level)
+        self._save_base_weights()
+        self.pipe.fuse_lora()
+        self.provenance["lora_sha256"] = lora_sha256
+        self.stats["adapter_loads"] += 1
+
+    def _lora_components(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self.pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
+                if getattr(self.pipe, name, None) is not None}
+
+    def _save_base_weights(self) -> None:
+        """Copies of the base weights of every layer the loaded adapter wraps (on the CPU: they are read
+        once per fold switch)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._base_weights = {}
+        for component, model in self._lora_components().items():
+            for name, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    for pname, param in module.get_base_layer().named_parameters(recurse=False):
+                        self._base_weights[(component, f"{name}.{pname}")] = param.detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def _restore_base_weights(self) -> None:
+        models = self._lora_components()
+        for (component, pname), saved in self._base_weights.items():
+            models[component].get_parameter(pname).copy_(saved)
+        self._base_weights = {}
 
     def render(self, prompts: list[str], negative_prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-        """uint8 HxWx3 images; one Generator per image. Batched pipeline calls are faster on GPUs but
-        round differently (~1e-5), so by default each image gets its own call: then its bytes depend
-        only on its seed, whatever the batch composition."""
+        """uint8 HxWx3 images; one Generator per image, so each image's initial noise comes from its seed.
+        Batched (the default): one pipeline call for the batch, which is what keeps a GPU busy; batched
+        matmuls round differently (~1e-6 relative), so an image's bytes may depend on the rows it was batched
+        with (the same batch gives the same bytes: a retried batch rewrites the same bytes). Unbatched: one
+        call per image, bytes depend only on the seed."""
         groups = [list(range(len(seeds)))] if self.batched_pipeline else [[i] for i in range(len(seeds))]
         images: list[np.ndarray] = [None] * len(seeds)  # type: ignore[list-item]
         for group in groups:
@@ -138,6 +196,10 @@ class ImageGenerator:
         return images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        folds = {int(f) for f in batch["fold"]} if "fold" in batch else {self.fold}
+        if len(folds) != 1 or None in folds:
+            raise ValueError(f"a batch holds the rows of exactly one fold, got folds {sorted(map(str, folds))}")
+        self.use_fold(folds.pop())
         prompts = [str(p) for p in batch["prompt"]]
         negatives = [str(p) for p in batch["negative_prompt"]]
         seeds = [int(s) for s in batch["seed"]]

@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +40,9 @@ from t2id.generate.plan import PlanClass
 from t2id.label.settings import LabelSettings, settings
 from t2id.runner import Stage, StageContext, StageResult
 from t2id.store import Store
+
+if TYPE_CHECKING:
+    from t2id.generate.ray_layer import WarmPool
 
 LABELS_SCHEMA = pa.schema(list(SYNTHETIC_SCHEMA) + [
     pa.field("confidence", pa.float32()),  # teacher: best confidence of a target-class box; inpaint: null
@@ -111,17 +115,17 @@ def teacher_labels(ctx: StageContext, s: LabelSettings, folds: list[int]) -> dic
     return teacher_folds(ctx.store, s, folds, str(ctx.cache_dir), ctx.force, ctx.events)
 
 
-def inpaint_executor(ctx: StageContext, s: LabelSettings, fold: int) -> Callable:
-    from t2id.generate.ray_layer import run_ray
+def inpaint_pool(ctx: StageContext, s: LabelSettings) -> WarmPool:
+    """The stage's warm pool of inpainting actors: every fold and top-up round, one pipeline load per actor."""
+    from t2id.generate.ray_layer import WarmPool
     from t2id.label.inpaint import InpaintGenerator
 
     assert s.inpainting is not None
-    return partial(run_ray, worker_cls=InpaintGenerator, settings=s, store=ctx.store, fold=fold,
-                   g=s.inpainting.generate, cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
+    return WarmPool(InpaintGenerator, s, ctx.store, s.inpainting.generate, str(ctx.cache_dir), ctx.endpoint_url)
 
 
-def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classes: list[PlanClass]
-                   ) -> dict[int, tuple[list[dict], dict]]:
+def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classes: list[PlanClass],
+                   executor: Callable) -> dict[int, tuple[list[dict], dict]]:
     from t2id.label.inpaint import inpaint_fold
     from t2id.raycluster import ensure_ray
 
@@ -137,7 +141,7 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classe
     ensure_ray(ctx.cluster)
     results = {}
     for fold in folds:
-        rows, facts = inpaint_fold(store, s, fold, classes, inpaint_executor(ctx, s, fold), ctx.events)
+        rows, facts = inpaint_fold(store, s, fold, classes, executor, ctx.events)
         made = {r["class_id"] for r in rows}
         for cls in classes:
             if cls.class_id not in made:
@@ -147,12 +151,12 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classe
     return results
 
 
-def inpaint_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], fold: int,
+def inpaint_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], executor: Callable, fold: int,
                   ranges: dict[str, tuple[int, int]], round_: int) -> list[dict]:
     """A top-up round of inpainting: the next indices of the fold's inpaint plan."""
     from t2id.label.inpaint import inpaint_fold
 
-    rows, _ = inpaint_fold(ctx.store, s, fold, classes, inpaint_executor(ctx, s, fold), ctx.events, ranges, round_)
+    rows, _ = inpaint_fold(ctx.store, s, fold, classes, executor, ctx.events, ranges, round_)
     return rows
 
 
@@ -183,7 +187,9 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     records = verified_records(store, plan, set(store.list(layout.label.topup(fold))), need_clip)
     todo = [r for r in plan if r["key"] not in records]
     if todo:
-        executor = partial(run_ray, worker_cls=ImageGenerator, settings=gen, store=store, fold=fold, g=g,
+        # A pool for this round only: the teacher's Ray task below needs the CPUs/GPU that warm generation
+        # actors would keep reserved.
+        executor = partial(run_ray, worker_cls=ImageGenerator, settings=gen, store=store, g=g,
                            cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
 
         def make_record(batch: dict, i: int, row: dict) -> dict:
@@ -234,6 +240,14 @@ def top_up(ctx: StageContext, fold: int, rows: list[dict], classes: list[PlanCla
 
 
 def run(ctx: StageContext, s: LabelSettings) -> StageResult:
+    if s.label.method == "inpaint":
+        with inpaint_pool(ctx, s) as pool:
+            return run_with(ctx, s, pool)
+    return run_with(ctx, s, None)
+
+
+def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> StageResult:
+    """The stage with `pool`: the warm inpainting actors (inpaint method), None for the teacher."""
     from t2id.generate.core import remove_stale
     from t2id.generate.plan import plan_classes
     from t2id.label.inpaint import remove_stale_inpaint
@@ -245,7 +259,7 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
     teacher = lab.method == "teacher"
     gen = s.topup if teacher else s.inpainting
     classes = plan_classes(gen.target_classes, names) if gen is not None else []
-    labelled = teacher_labels(ctx, s, folds) if teacher else inpaint_labels(ctx, s, folds, classes)
+    labelled = teacher_labels(ctx, s, folds) if teacher else inpaint_labels(ctx, s, folds, classes, pool)
     target = s.target_per_class
     budget = math.ceil(lab.max_attempts_factor * target)
     outputs: dict[str, str] = {}
@@ -272,7 +286,7 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
                                    [layout.label.topup_images(fold), layout.label.topup_records(fold)])
         else:
             rows, rounds = top_up(ctx, fold, rows, classes, target, budget, len,
-                                  partial(inpaint_topup, ctx, s, classes), score)
+                                  partial(inpaint_topup, ctx, s, classes, pool), score)
             removed = remove_stale_inpaint(store, fold, rows)
         counts = class_counts(rows, names, target)
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)

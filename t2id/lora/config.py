@@ -75,8 +75,8 @@ class LoraConfig(Section):
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "fp16",
-        description="Compute dtype on GPU (paper: fp16); LoRA master weights stay fp32. On CPU, fp16 runs "
-        "in fp32 (CPU has no fast fp16) and bf16 uses bf16 autocast.",
+        description="Training dtype (paper: fp16): the frozen UNet in this dtype under autocast; LoRA weights "
+        "and optimizer state stay fp32. On CPU, fp16 runs in fp32 (CPU has no fast fp16), bf16 in bf16.",
     )
     vae_fp32: bool = Field(
         True, description="Keep the VAE in fp32 when encoding (SDXL 1.0's VAE overflows in fp16)."

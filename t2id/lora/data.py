@@ -138,8 +138,8 @@ class LatentCache:
     """Frozen encodings of a fold's examples (see module doc). F = 2 orientations with hflip, else 1."""
 
     image_ids: list[str]
-    latent_mean: torch.Tensor  # [N, F, C, h, w], already x VAE scaling factor
-    latent_std: torch.Tensor  # [N, F, C, h, w]
+    latent_mean: torch.Tensor  # [N, F, C, h, w] fp16, already x VAE scaling factor
+    latent_std: torch.Tensor  # [N, F, C, h, w] fp16
     time_ids: torch.Tensor  # [N, 6] SDXL micro-conditioning
     prompt_index: torch.Tensor  # [N] long -> rows of prompt_embeds
     prompts: list[str]
@@ -173,38 +173,52 @@ def encode_images(vae, pixels_nhwc: np.ndarray, batch: int = 8, device: torch.de
     return torch.cat(means), torch.cat(stds)
 
 
+# Examples read, preprocessed and VAE-encoded at a time while building the cache: the images of one
+# chunk are all the pixels ever held, so memory is bounded by the chunk, not by the dataset.
+ENCODE_CHUNK = 8
+
+
 def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hflip: bool,
-                vae_fp32: bool = True, device: torch.device | str = "cpu") -> LatentCache:
+                vae_fp32: bool = True, device: torch.device | str = "cpu", chunk: int = ENCODE_CHUNK) -> LatentCache:
     """Encode every example once (both orientations with hflip) and every distinct prompt once.
 
+    Streamed: `chunk` examples at a time are read, preprocessed and encoded into preallocated latent
+    tensors, stored fp16 (a posterior mean/std needs no more; gather_batch samples in fp32), so the cache
+    holds 2 x F x 4 x (res/8)^2 halves per image (32 KiB at 512 px with hflip) and the pixels of one chunk.
     `read_bytes(key) -> bytes` reads an image (a run store's read_bytes).
     """
     if not examples:
         raise UserError("no training images hold a target class in this fold; check lora.target_classes "
                         f"against {layout.data.classes} and the split")
-    pixels, time_ids = [], []
-    for ex in examples:
-        image, original, crop = preprocess_image(read_bytes(ex.key), resolution)
-        pixels.append(image)
-        time_ids.append(micro_conditioning(original, crop, (resolution, resolution)))
-    stack = np.stack(pixels)
-    if hflip:
-        # [N, 2, H, W, 3]: orientation 1 is the mirrored image (flip the width axis).
-        stack = np.stack([stack, stack[:, :, ::-1, :]], axis=1)
-    else:
-        stack = stack[:, None]
-    n, f = stack.shape[:2]
     vae_dtype = torch.float32 if vae_fp32 else pipe.vae.dtype
     vae = pipe.vae.to(device, vae_dtype)
-    mean, std = encode_images(vae, np.ascontiguousarray(stack.reshape(n * f, *stack.shape[2:])), device=device,
-                              dtype=vae_dtype)
+    f = 2 if hflip else 1
+    mean = std = None
+    time_ids = []
+    for start in range(0, len(examples), chunk):
+        pixels = []
+        for ex in examples[start:start + chunk]:
+            image, original, crop = preprocess_image(read_bytes(ex.key), resolution)
+            pixels.append(image)
+            time_ids.append(micro_conditioning(original, crop, (resolution, resolution)))
+        stack = np.stack(pixels)
+        # [n, F, H, W, 3]: orientation 1 is the mirrored image (flip the width axis).
+        stack = np.stack([stack, stack[:, :, ::-1, :]], axis=1) if hflip else stack[:, None]
+        n = len(pixels)
+        part_mean, part_std = encode_images(vae, np.ascontiguousarray(stack.reshape(n * f, *stack.shape[2:])),
+                                            batch=chunk * f, device=device, dtype=vae_dtype)
+        if mean is None:
+            shape = (len(examples), f, *part_mean.shape[1:])
+            mean, std = torch.empty(shape, dtype=torch.float16), torch.empty(shape, dtype=torch.float16)
+        mean[start:start + n] = part_mean.reshape(n, f, *part_mean.shape[1:])
+        std[start:start + n] = part_std.reshape(n, f, *part_std.shape[1:])
     prompts = sorted({ex.prompt for ex in examples})
     tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
     embeds, pooled = encode_prompts(tokenizers, [pipe.text_encoder, pipe.text_encoder_2], prompts, device=device)
     return LatentCache(
         image_ids=[ex.image_id for ex in examples],
-        latent_mean=mean.reshape(n, f, *mean.shape[1:]),
-        latent_std=std.reshape(n, f, *std.shape[1:]),
+        latent_mean=mean,
+        latent_std=std,
         time_ids=torch.tensor(time_ids, dtype=torch.float32),
         prompt_index=torch.tensor([prompts.index(ex.prompt) for ex in examples], dtype=torch.long),
         prompts=prompts,
@@ -217,7 +231,7 @@ def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hfli
 
 def cache_key(model_dir: str, examples: list[Example], resolution: int, hflip: bool, vae_fp32: bool) -> str:
     payload = {"model": str(model_dir), "examples": [(e.image_id, e.sha256, e.prompt) for e in examples],
-               "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 2}
+               "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 3}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -46,8 +46,13 @@ def add_unet_lora(unet, cfg: LoraConfig, weight_dtype: torch.dtype = torch.float
     """
     from peft import LoraConfig as PeftLoraConfig
 
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     unet.requires_grad_(False)
     unet.to(dtype=weight_dtype)
+    # torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPUs), whatever the
+    # model's saved config chose; set before the adapter so LoRA wraps the projections, not the processor.
+    unet.set_attn_processor(AttnProcessor2_0())
     unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                     init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -258,8 +263,8 @@ def gather_batch(cache: LatentCache, indices: list[int], gen: torch.Generator, h
         orientation = torch.randint(0, 2, (len(indices),), generator=gen)
     else:
         orientation = torch.zeros(len(indices), dtype=torch.long)
-    mean = cache.latent_mean[idx, orientation]
-    std = cache.latent_std[idx, orientation]
+    mean = cache.latent_mean[idx, orientation].float()  # stored fp16; the sample is drawn in fp32
+    std = cache.latent_std[idx, orientation].float()
     latents = mean + std * torch.randn(mean.shape, generator=gen)  # = latent_dist.sample()
     prompt = cache.prompt_index[idx]
     return {
@@ -298,14 +303,16 @@ class TrainState:
 
 
 def compute_dtypes(mixed_precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype of frozen weights, autocast dtype). GPU: fp16/bf16 weights + autocast. CPU has no fast
-    fp16, so fp16 runs in fp32 there; bf16 keeps fp32 weights under bf16 autocast."""
+    """(dtype of frozen weights, autocast dtype): the frozen base in the training dtype, not fp32 under
+    autocast (diffusers' train_text_to_image_lora_sdxl: weight_dtype), so no fp32 weight is read or cast
+    at every forward; LoRA parameters and optimizer state stay fp32 (add_unet_lora). GPU: fp16/bf16.
+    CPU has no fast fp16, so fp16 runs in fp32 there; bf16 runs in bf16 on CPU too."""
     if mixed_precision == "no":
         return torch.float32, None
     half = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    if device.type == "cuda":
+    if device.type == "cuda" or half == torch.bfloat16:
         return half, half
-    return torch.float32, (torch.bfloat16 if half == torch.bfloat16 else None)
+    return torch.float32, None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: LoraConfig) -> torch.optim.Optimizer:

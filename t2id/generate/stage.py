@@ -84,7 +84,10 @@ def generate_one_fold(ctx: StageContext, s: GenerateSettings, fold: int, classes
         "classes": {name: vars(c) for name, c in outcome.classes.items()},
         "pool": pool_facts(pool),
     }
-    return [layout.generate.plan(fold), layout.generate.manifest(fold), *sheets], facts
+    # Every image and record is an output: the fold memo and the stage marker then vouch for each file, so a
+    # truncated or deleted PNG is caught before a skip (t2id.resume.check_outputs) instead of in a later stage.
+    images = [key for row in outcome.plan for key in (row["key"], row["record_key"])]
+    return [layout.generate.plan(fold), layout.generate.manifest(fold), *sheets, *images], facts
 
 
 def pool_facts(pool: WarmPool) -> dict:

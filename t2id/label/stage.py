@@ -293,6 +293,10 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)
         outputs[key] = store.write_table(key, table)
+        for r in rows:  # the images label made (inpainted, topped up), each vouched for by the marker
+            for made in (r.get("key"), r.get("record_key")):
+                if made:
+                    outputs[made] = store.sha256(made)
         scores += [r["nn_similarity"] for r in rows if r["nn_similarity"] is not None]
         used = sum(usable(r) for r in rows)
         reasons: dict[str, int] = {}

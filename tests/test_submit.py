@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,8 +140,11 @@ def test_submit_runs_a_job_on_a_local_ray_head(ray_head, tmp_path):
     result = CliRunner().invoke(app, ["submit", str(config), "--address", ray_head])
     assert result.exit_code == 0, result.output
     assert "submitted Ray job raysubmit_" in result.output
-    assert '"stage": "data", "status": "ran"' in result.output  # the job's own log, streamed back
+    # The job's progress, read from the run's store: one line per stage as it finishes, not the raw log.
+    assert re.search(r"^✓ data: done", result.output, re.M) and '"stage": "data"' not in result.output
     assert result.output.rstrip().endswith("SUCCEEDED")
+    raw = CliRunner().invoke(app, ["submit", str(config), "--address", ray_head, "--logs"])
+    assert raw.exit_code == 0 and '"stage": "data", "status": "skipped"' in raw.output  # --logs: the raw log
     run = tmp_path / "store" / "submit-ok"
     assert (run / "config.yaml").is_file()
     marker = json.loads((run / "data" / "_SUCCESS.json").read_text())
@@ -164,6 +168,18 @@ def test_submit_no_wait_then_follow_reports_the_failure(ray_head, tmp_path):
         follow_ray_job(ray_job_client(ray_head), outcome.job_id, echo=lines.append)
     assert "error: --only 'grid': stage is not enabled in run.stages" in "\n".join(lines)  # the job's log
     assert failure.value is not None
+
+
+def test_submit_follows_progress_and_shows_the_log_tail_of_a_failed_job(ray_head, tmp_path):
+    from t2id.deploy.submit import submit_ray
+    from t2id.errors import UserError
+
+    cfg = load_config(_small_config(tmp_path, "submit-progress-fail"))
+    lines: list[str] = []
+    with pytest.raises(UserError, match=r"Ray job raysubmit_\w+ failed"):
+        submit_ray(cfg, ray_head, only="grid", echo=lines.append, poll_seconds=0.5)
+    # The job's own one-line error arrives in the log tail, under the progress lines.
+    assert any(line.startswith("  | error: --only 'grid': stage is not enabled") for line in lines), lines
 
 
 def test_submit_refuses_a_relative_store(tmp_path):

@@ -30,6 +30,8 @@ def submit(
                                               "<ecr_repository_url>:<tag>.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop following a RayJob after this many seconds.")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between RayJob status reads.", hidden=True)] = 5.0,
+    logs: Annotated[bool, typer.Option("--logs", help="Stream the Ray job's raw log instead of its progress "
+                                       "(Ray path).")] = False,
 ) -> None:
     """Run a config on a cluster: a Ray job (--address) or a KubeRay RayJob (--k8s); follows it to the end."""
     from t2id.config import load_config
@@ -52,7 +54,7 @@ def submit(
     if not address:
         raise UserError("say where to submit: --address http://HEAD:8265 (Ray dashboard) or --k8s")
     outcome = sub.submit_ray(cfg, address, only=only, force=force, wait=not no_wait, upload_code=upload_code,
-                             echo=typer.echo)
+                             echo=typer.echo, logs=logs)
     typer.echo(f"job {outcome.job_id}: {outcome.status}")
 
 

@@ -71,8 +71,9 @@ def _submit_when_ready(client: Any, wait_seconds: float = 60.0, **job: Any) -> s
 
 def submit_ray(cfg: T2IDConfig, address: str, only: str | None = None, force: str | None = None,
                wait: bool = True, upload_code: bool = False, echo: Echo = print,
-               poll_seconds: float = 1.0) -> JobOutcome:
-    """Submit the pipeline (or one stage) to the Ray cluster at `address` (its dashboard URL)."""
+               poll_seconds: float = 1.0, logs: bool = False) -> JobOutcome:
+    """Submit the pipeline (or one stage) to the Ray cluster at `address` (its dashboard URL) and follow it:
+    its progress read from the run's store (default), or its raw log (`logs`)."""
     uri = cfg.store.uri
     if "://" not in uri and not Path(uri).is_absolute():
         raise UserError(f"store.uri '{uri}' is relative; a Ray job runs in its own working directory, so "
@@ -89,7 +90,11 @@ def submit_ray(cfg: T2IDConfig, address: str, only: str | None = None, force: st
     if not wait:
         echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return JobOutcome(job_id, str(client.get_job_status(job_id).value))
-    return follow_ray_job(client, job_id, echo=echo, poll_seconds=poll_seconds)
+    if logs:
+        return follow_ray_job(client, job_id, echo=echo, poll_seconds=poll_seconds)
+    from t2id.runner import run_store
+
+    return follow_ray_progress(client, job_id, run_store(cfg), echo=echo, poll_seconds=poll_seconds)
 
 
 def ray_job_client(address: str) -> Any:
@@ -124,6 +129,56 @@ def follow_ray_job(client: Any, job_id: str, echo: Echo = print, poll_seconds: f
     outcome = JobOutcome(job_id, status.value, info.message or "")
     if status.value != "SUCCEEDED":
         raise UserError(f"Ray job {job_id} {status.value.lower()}: {outcome.message or 'see its logs above'}")
+    return outcome
+
+
+def stage_line(st: Any) -> str:
+    """One line for a stage of t2id.status.run_status: its state, progress and what it produced or why it failed."""
+    mark = {"done": "✓", "running": "▶", "failed": "✗", "stale": "?", "partial": "…"}.get(st.state, "·")
+    parts = [f"{mark} {st.stage}: {st.state}"]
+    if st.total and st.state != "done":
+        parts.append(f"{st.done or 0}/{st.total} {st.unit}".rstrip())
+    if st.detail:
+        parts.append(st.detail)
+    if st.error:
+        parts.append(f"error: {st.error}")
+    return ", ".join(parts)
+
+
+def follow_ray_progress(client: Any, job_id: str, store: Any, echo: Echo = print, poll_seconds: float = 2.0,
+                        tail_lines: int = 20) -> JobOutcome:
+    """Follow the job through its run's store (what `t2id status` reads): a line whenever a stage changes
+    state or moves; when the job fails, its last log lines and Ray's message. The store must be reachable
+    from here (S3, or a shared path), as `t2id submit` already requires of store.uri."""
+    from t2id.status import run_status
+
+    shown: dict[str, str] = {}
+
+    def report() -> None:
+        try:
+            stages = run_status(store).stages
+        except (UserError, OSError, ValueError):  # the job has not written the run's config yet
+            return
+        for st in stages:
+            line = stage_line(st)
+            if st.state != "pending" and shown.get(st.stage) != line:
+                echo(line)
+                shown[st.stage] = line
+
+    status = client.get_job_status(job_id)
+    while status.value not in TERMINAL_RAY:
+        report()
+        time.sleep(poll_seconds)
+        status = client.get_job_status(job_id)
+    report()
+    info = client.get_job_info(job_id)
+    outcome = JobOutcome(job_id, status.value, info.message or "")
+    if status.value != "SUCCEEDED":
+        lines = (client.get_job_logs(job_id) or "").rstrip("\n").splitlines()[-tail_lines:]
+        for line in lines:
+            echo(f"  | {line}")
+        raise UserError(f"Ray job {job_id} {status.value.lower()}: {outcome.message or 'see its log above'} "
+                        f"(whole log: ray job logs --address ... {job_id})")
     return outcome
 
 

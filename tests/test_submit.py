@@ -326,3 +326,25 @@ def test_submit_k8s_updates_the_config_and_refuses_a_duplicate_job(kube, tmp_pat
     assert ("PUT", "/api/v1/namespaces/t2id/configmaps/t2id-demo-config") in methods  # config replaced
     assert result.exit_code == 1
     assert "RayJob t2id/t2id-demo already exists" in str(result.exception)
+
+
+def test_submit_k8s_follows_the_stages_from_the_run_store(kube, s3_server, s3_bucket, tmp_path):
+    """Beside the RayJob's status, the pipeline's stages as the run's store shows them (what t2id status reads)."""
+    from t2id.config import validate_config
+    from t2id.runner import run_pipeline
+
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["run"]["stages"] = ["data", "split"]
+    raw["run"].pop("tracking", None)
+    raw["store"] = {"uri": f"s3://{s3_bucket}/runs", "endpoint_url": s3_server, "cache_dir": str(tmp_path / "cache")}
+    raw["data"]["phantom"] = {"subjects": 4, "frames_per_subject": 2, "size": 64}
+    raw.setdefault("cluster", {})["image"] = "registry.example/t2id:1"
+    path = tmp_path / "k8s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_pipeline(validate_config(raw))  # what the job's driver would have written by now
+    kube.statuses = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                     {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "jobId": "t2id-demo-abc"}]
+    result = CliRunner().invoke(app, ["submit", str(path), "--k8s", "--poll", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^✓ data: done", result.output, re.M) and re.search(r"^✓ split: done", result.output, re.M)
+    assert "stage progress unavailable" not in result.output

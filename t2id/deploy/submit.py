@@ -145,26 +145,43 @@ def stage_line(st: Any) -> str:
     return ", ".join(parts)
 
 
-def follow_ray_progress(client: Any, job_id: str, store: Any, echo: Echo = print, poll_seconds: float = 2.0,
-                        tail_lines: int = 20) -> JobOutcome:
-    """Follow the job through its run's store (what `t2id status` reads): a line whenever a stage changes
-    state or moves; when the job fails, its last log lines and Ray's message. The store must be reachable
-    from here (S3, or a shared path), as `t2id submit` already requires of store.uri."""
-    from t2id.status import run_status
+class StageProgress:
+    """Prints a job's progress from its run's store (what `t2id status` reads): a line whenever a stage
+    changes state or moves. Best effort: a store this machine cannot read (yet) prints one note, then
+    nothing, and the job is still followed through its own status."""
 
-    shown: dict[str, str] = {}
+    def __init__(self, store: Any, echo: Echo) -> None:
+        self.store, self.echo = store, echo
+        self.shown: dict[str, str] = {}
+        self.noted = False
 
-    def report() -> None:
+    def __call__(self) -> None:
+        from t2id.status import run_status
+
+        if self.noted:  # the store could not be read: do not retry it on every poll
+            return
         try:
-            stages = run_status(store).stages
+            stages = run_status(self.store).stages
         except (UserError, OSError, ValueError):  # the job has not written the run's config yet
+            return
+        except Exception as exc:  # e.g. no credentials for the run's S3 store on this machine
+            if not self.noted:
+                self.echo(f"(stage progress unavailable: cannot read {self.store.root}: {str(exc)[:200]})")
+                self.noted = True
             return
         for st in stages:
             line = stage_line(st)
-            if st.state != "pending" and shown.get(st.stage) != line:
-                echo(line)
-                shown[st.stage] = line
+            if st.state != "pending" and self.shown.get(st.stage) != line:
+                self.echo(line)
+                self.shown[st.stage] = line
 
+
+def follow_ray_progress(client: Any, job_id: str, store: Any, echo: Echo = print, poll_seconds: float = 2.0,
+                        tail_lines: int = 20) -> JobOutcome:
+    """Follow the job through its run's store (StageProgress); when the job fails, its last log lines and
+    Ray's message. The store must be reachable from here (S3, or a shared path), as `t2id submit` already
+    requires of store.uri."""
+    report = StageProgress(store, echo)
     status = client.get_job_status(job_id)
     while status.value not in TERMINAL_RAY:
         report()
@@ -249,8 +266,9 @@ def port_forward_hint(namespace: str, cluster_name: str | None) -> str:
 
 
 def follow_rayjob(api_client: Any, namespace: str, name: str, echo: Echo = print, poll_seconds: float = 5.0,
-                  timeout_seconds: float | None = None) -> JobOutcome:
-    """Poll the RayJob's status until KubeRay marks it Complete or Failed; print each change."""
+                  timeout_seconds: float | None = None, progress: Callable[[], None] | None = None) -> JobOutcome:
+    """Poll the RayJob's status until KubeRay marks it Complete or Failed; print each change, and with
+    `progress` (a StageProgress) the pipeline's stages as they move."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -271,6 +289,8 @@ def follow_rayjob(api_client: Any, namespace: str, name: str, echo: Echo = print
         if status.get("rayClusterName") and not hinted:
             echo(port_forward_hint(namespace, status["rayClusterName"]))
             hinted = True
+        if progress is not None:
+            progress()
         if deployment in TERMINAL_DEPLOYMENT:
             outcome = JobOutcome(status.get("jobId", name), deployment, status.get("message", ""))
             if deployment == "Failed" or job_status not in ("", "SUCCEEDED"):
@@ -296,4 +316,7 @@ def submit_k8s(cfg: T2IDConfig, stage: str | None = None, wait: bool = True, con
     if not wait:
         echo(f"watch it with: kubectl -n {ns} get rayjob {name} -w")
         return JobOutcome(name, "Created")
-    return follow_rayjob(api_client, ns, name, echo=echo, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
+    from t2id.runner import run_store
+
+    return follow_rayjob(api_client, ns, name, echo=echo, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+                         progress=StageProgress(run_store(cfg), echo))

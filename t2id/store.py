@@ -111,14 +111,27 @@ class Store(ABC):
         return self.sha256(key)
 
     def uri(self, key: str = "") -> str:
-        """Full URI of `key` (what manifests store in their `uri` column)."""
+        """Full URI of `key` (for messages and links; manifests store `ref(key)`)."""
         return f"{self.root.rstrip('/')}/{key}" if key else self.root
 
+    @staticmethod
+    def ref(key: str) -> str:
+        """What a manifest's `uri` column holds for the object at `key` of the run store: the key itself,
+        relative to the run root, so a run folder copied between a disk and S3 (or renamed) still resolves
+        (issue 18 item 6). `key_of` turns it back into a key of whichever store reads the manifest."""
+        return key
+
     def key_of(self, uri: str) -> str:
-        """Inverse of `uri`: the key of a full URI under this store's root."""
+        """The key of a manifest `uri`: a relative reference (`ref`) as is, or, from manifests written
+        before references were relative, a full URI under this store's root."""
+        if "://" not in uri and not uri.startswith("/"):
+            if uri.startswith("../") or "/../" in uri or not uri:
+                raise UserError(f"manifest uri {uri!r} leaves the run folder; manifests reference objects inside it")
+            return uri
         root = self.root.rstrip("/") + "/"
         if not uri.startswith(root):
-            raise UserError(f"{uri} is not inside the store {self.root}")
+            raise UserError(f"{uri} is not inside the store {self.root}: the manifest holds an absolute uri "
+                            "from another location; rerun the stage that wrote it")
         return uri[len(root):]
 
     # Derived helpers: same on every backend.

@@ -23,6 +23,7 @@ from t2id.events import LogEvents
 from t2id.resume import SMALL_FILE, Memo, check_outputs, memoized
 from t2id.runner import Stage, StageResult, read_marker, run_pipeline, run_store
 from t2id.split.stage import STAGE as SPLIT_STAGE
+from t2id.errors import UserError
 from t2id.store import LocalStore
 
 BIG = SMALL_FILE + 4096  # above the always-hash threshold: sized on every check, hashed with --verify
@@ -267,3 +268,41 @@ def test_plain_rerun_catches_a_truncated_adapter(lora_run):
     assert read_marker(store, "lora")["outputs"][key] == hashlib.sha256(store.read_bytes(key)).hexdigest()
     assert [o.status for o in run_pipeline(cfg, stages=stages)] == ["skipped"] * 3
 
+
+
+# A run folder moves between a disk and S3 (issue 18, item 6): manifests reference images by their key
+# relative to the run root, so the copy resolves in its new store and resumes without redoing anything.
+
+def test_a_run_folder_copied_from_disk_to_s3_resumes_there(tmp_path, s3_bucket):
+    from t2id.data.materialize import materialize_fold
+
+    src = write_phantom(tmp_path / "ph", subjects=4, frames_per_subject=2, size=48)
+    raw = {"run": {"id": "r", "stages": ["data", "split"]},
+           "store": {"uri": str(tmp_path / "store"), "cache_dir": str(tmp_path / "cache")},
+           "data": {"source": str(src)}, "split": {"folds": 2}}
+    local_cfg = validate_config(raw)
+    run_pipeline(local_cfg, stages=REAL)
+    local = run_store(local_cfg)
+    uris = local.read_table(layout.data.manifest)["uri"].to_pylist()
+    assert uris and all(u.startswith(f"{layout.data.images}/") for u in uris)  # no absolute path in the manifest
+
+    s3_cfg = validate_config({**raw, "store": {"uri": f"s3://{s3_bucket}/moved", "cache_dir": str(tmp_path / "c2")}})
+    moved = run_store(s3_cfg)
+    for key in local.list():  # what `aws s3 cp --recursive <run folder> s3://...` does
+        moved.write_bytes(key, local.read_bytes(key))
+    events = Recorded()
+    assert [o.status for o in run_pipeline(s3_cfg, stages=REAL, events=events)] == ["skipped", "skipped"]
+    assert events.calls == [] and events.warnings == []
+    dataset = materialize_fold(moved, 0, tmp_path / "c2")  # every image resolves in the new store
+    built = {p.stem: p.read_bytes() for p in (dataset.root / "images").rglob("*.png")}
+    rows = moved.read_table(layout.data.manifest).select(["image_id", "uri"]).to_pylist()
+    assert len(built) == len(rows) == len(uris)
+    assert all(built[r["image_id"]] == moved.read_bytes(moved.key_of(r["uri"])) for r in rows)
+
+
+def test_manifest_uris_resolve_relative_and_legacy_absolute(store):
+    assert store.key_of(store.ref("data/images/a.png")) == "data/images/a.png"
+    assert store.key_of(store.uri("data/images/a.png")) == "data/images/a.png"  # manifests from older runs
+    for bad in ("../other-run/data/images/a.png", "data/../../x.png", "s3://elsewhere/r/data/images/a.png"):
+        with pytest.raises(UserError):
+            store.key_of(bad)

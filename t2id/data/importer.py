@@ -226,7 +226,7 @@ def manifest_table(scan: ScanResult, store: Store) -> pa.Table:
     records = sorted(scan.images, key=lambda r: (r.group, r.path))
     rows = {
         "image_id": [r.image_id for r in records],
-        "uri": [store.uri(layout.data.image(r.image_id, r.ext)) for r in records],
+        "uri": [store.ref(layout.data.image(r.image_id, r.ext)) for r in records],
         "width": [r.width for r in records],
         "height": [r.height for r in records],
         "group": [r.group for r in records],

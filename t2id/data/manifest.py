@@ -26,7 +26,7 @@ BOX_TYPE = pa.struct([
 
 IMAGE_FIELDS = [
     pa.field("image_id", pa.string()),  # content hash (first 16 hex digits of the file's sha256)
-    pa.field("uri", pa.string()),  # full store URI of the image (Store.uri(key))
+    pa.field("uri", pa.string()),  # the image's key relative to the run root (Store.ref), resolved with Store.key_of
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("group", pa.string()),  # subject id: folds never split a group

@@ -208,7 +208,7 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
         rec = records[row["key"]]
         rows.append({
             "image_id": image_id_of(rec["sha256"]),
-            "uri": store.uri(row["key"]),
+            "uri": store.ref(row["key"]),
             "width": rec["width"],
             "height": rec["height"],
             "group": f"synthetic-fold{fold}-{layout.slug(row['class_name'])}",

@@ -204,7 +204,7 @@ def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict
     verdict = judge(record["std"], record["entropy"], None, g.quality)  # current thresholds
     out = {name: None for name in SYNTHETIC_SCHEMA.names}
     out.update({
-        "image_id": image_id_of(record["sha256"]), "uri": store.uri(row["key"]),
+        "image_id": image_id_of(record["sha256"]), "uri": store.ref(row["key"]),
         "width": record["width"], "height": record["height"],
         "group": f"synthetic-fold{row['fold']}-{layout.slug(row['class_name'])}", "source": "synthetic",
         "boxes": [dict(b) for b in row["source_boxes"]], "sha256": record["sha256"], "fold": row["fold"],

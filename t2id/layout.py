@@ -98,6 +98,10 @@ class _Lora:
     def rank(self, fold: int, rank: int) -> str:
         return f"{self.ranks(fold)}/rank={rank}.json"
 
+    def latent_shard(self, fold: int, cache_key: str, rank: int, world: int) -> str:
+        """One rank's share of the fold's frozen encodings (t2id.lora.data.load_or_build_shared_cache)."""
+        return f"{self.fold(fold)}/latents/{cache_key}/rank={rank}-of-{world}.pt"
+
     def validation_epoch(self, fold: int, epoch: int) -> str:
         return f"{self.fold(fold)}/validation/epoch={epoch:04d}"
 

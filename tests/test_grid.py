@@ -7,6 +7,7 @@ trial finished, resumes with `t2id run`, and checks that no finished trial train
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -390,3 +391,22 @@ def test_trials_table_has_the_contract_columns():
     assert row["seed"] == 4 and row["selection"] == "final" and row["optimizer_steps"] == 5
     assert row["predictions"] == "grid/fold=0/strategy=baseline/seed=4/predictions.parquet"
     assert curves.column("seed").to_pylist() == [4]
+
+
+def test_trial_progress_callback_pickles_with_a_live_progress_bar():
+    """Tune pickles its callbacks into the experiment state; the bar's `advance` holds a rich Progress
+    (with a lock) when `t2id run` draws on a terminal or a job prints bars, and must not break that."""
+    import ray.cloudpickle
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from t2id.grid.ray_layer import trial_progress
+
+    with Progress(console=Console(file=io.StringIO())) as bar:
+        task = bar.add_task("grid", total=4)
+        callback = trial_progress(lambda n=1, status=None: bar.update(task, advance=n, description=status))
+        callback.on_trial_complete(0, [], type("T", (), {"trial_id": "t1"})())
+        assert bar.tasks[0].completed == 1 and bar.tasks[0].description == "0 running"
+        restored = ray.cloudpickle.loads(ray.cloudpickle.dumps(callback))
+    restored.on_trial_complete(0, [], type("T", (), {"trial_id": "t2"})())  # draws nothing, no error
+    assert restored.advance is None and restored.running == set()

@@ -57,6 +57,10 @@ def test_ddp_ranks_disjoint_and_identical(uninterrupted):
     assert [r["world"] for r in ranks] == [2, 2]
     assert [r["resumed_from_step"] for r in ranks] == [0, 0]
     assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]  # DDP kept the replicas in sync
+    # The frozen encodings were made once, half by each rank, and shared through the store.
+    assert [r["examples_encoded"] for r in ranks] == [4, 4]
+    shards = [k for k in store.list(f"{layout.lora.fold(FOLD)}/latents") if k.endswith(".pt")]
+    assert [k.rsplit("/", 1)[1] for k in shards] == ["rank=0-of-2.pt", "rank=1-of-2.pt"]
     steps0, steps1 = dict((s, ids) for s, ids in ranks[0]["steps"]), dict((s, ids) for s, ids in ranks[1]["steps"])
     assert sorted(steps0) == sorted(steps1) == list(range(STEPS))
     for epoch in range(EPOCHS):  # within an epoch the ranks saw disjoint images, together all 8

@@ -351,3 +351,36 @@ def test_bf16_training_keeps_frozen_weights_bf16_and_lora_state_fp32(tiny_set, c
     assert any(not torch.equal(a, b) for a, b in zip(before, state.params))
     moments = [s[k] for s in state.optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
     assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+def test_shared_cache_is_encoded_once_over_ranks_and_assembled_from_the_store(tiny_set, cache_dir, tmp_path):
+    """Rank r encodes examples r::world into a store shard; every rank assembles the whole cache (issue 17)."""
+    from t2id.lora.data import SharedCache
+
+    store, examples, whole = tiny_set
+    pipe = load_sdxl_pipeline("tiny", cache_dir)
+
+    def rank(r: int, disk: str, pipe=pipe) -> SharedCache:  # one local disk per rank, as on separate nodes
+        return SharedCache(store, 0, tmp_path / disk, "m", pipe, examples, 64, True, True, "cpu", r, 3)
+
+    ranks = [rank(r, f"node{r}") for r in range(3)]
+    for r in ranks:  # before the barrier
+        r.put_shard()
+    caches = [r.assemble() for r in ranks]  # after it
+    assert [r.encoded for r in ranks] == [3, 3, 2]  # 8 examples split over 3 ranks, nothing encoded twice
+    assert len(store.list("lora/fold=0/latents")) == 3
+    for cache in caches:
+        assert cache.image_ids == whole.image_ids and cache.prompts == whole.prompts
+        torch.testing.assert_close(cache.latent_mean, whole.latent_mean, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(cache.prompt_embeds, whole.prompt_embeds)
+        assert torch.equal(cache.prompt_index, whole.prompt_index)
+    # A worker restarted on a fresh node reads the shards and encodes nothing (no pipeline needed) ...
+    fresh = rank(0, "fresh", pipe=None)
+    fresh.put_shard()
+    assert fresh.assemble().image_ids == whole.image_ids and fresh.encoded == 0
+    # ... and re-encodes a damaged shard instead of trusting it.
+    store.write_bytes(next(k for k in store.list("lora/fold=0/latents") if k.endswith("rank=1-of-3.pt")), b"bad")
+    again = rank(0, "fresh2")
+    again.put_shard()
+    again.assemble()
+    assert again.encoded == 3

@@ -92,14 +92,25 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
 
 def trial_progress(advance: Advance) -> Any:
     """A Tune callback (it runs on the driver) that feeds the grid's progress bar: trials finished, and
-    as its status the trials running, failed, and the best mAP50-95 so far."""
+    as its status the trials running, failed, and the best mAP50-95 so far.
+
+    Tune pickles its callbacks into the experiment state (for `Tuner.restore`), and the bar's `advance`
+    holds a rich Progress with a lock: it is kept off the pickle (a restored callback draws nothing)."""
     from ray import tune
 
     class TrialProgress(tune.Callback):
-        def __init__(self) -> None:
+        def __init__(self, advance: Advance) -> None:  # an argument, not a closure cell: see __getstate__
+            self.advance: Advance | None = advance
             self.running: set[str] = set()
             self.failed = 0
             self.best: float | None = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "advance": None}
+
+        def _draw(self, n: int) -> None:
+            if self.advance is not None:
+                self.advance(n, self.status())
 
         def status(self) -> str:
             parts = [f"{len(self.running)} running"] + ([f"{self.failed} failed"] if self.failed else [])
@@ -109,7 +120,7 @@ def trial_progress(advance: Advance) -> Any:
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self.running.add(trial.trial_id)
-            advance(0, self.status())
+            self._draw(0)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             value = result.get("map50_95")
@@ -118,14 +129,14 @@ def trial_progress(advance: Advance) -> Any:
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.running.discard(trial.trial_id)
-            advance(1, self.status())
+            self._draw(1)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self.running.discard(trial.trial_id)
             self.failed += 1
-            advance(0, self.status())
+            self._draw(0)
 
-    return TrialProgress()
+    return TrialProgress(advance)
 
 
 def run_trials(trials: list[dict[str, Any]], trial_fn: TrialFn, store: Store, settings: GridSettings,

@@ -21,6 +21,10 @@
        carry trainable LoRA, so the step re-encodes the ids instead of using the cached embeddings.
    `load_or_build_cache` keys a local file by everything that changes the encodings (model
    folder, image bytes, prompts, resolution, flip, VAE dtype), so a restarted worker reuses it.
+4. `SharedCache` (DDP): rank r encodes only examples r::world and puts its shard in
+   the run store; after a barrier every rank assembles the whole cache from the shards. Encoding
+   is done once per fold, split over the ranks, and a worker restarted on another node reads the
+   shards instead of encoding again (issue 17, item 5).
 """
 
 from __future__ import annotations
@@ -251,3 +255,108 @@ def load_or_build_cache(cache_dir: Path, model_dir: str, pipe, examples: list[Ex
     torch.save(cache.state(), tmp)
     os.replace(tmp, path)
     return cache
+
+
+def _cache_bytes(cache: LatentCache) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(cache.state(), buffer)
+    return buffer.getvalue()
+
+
+def _load_cache(data: bytes) -> LatentCache:
+    return LatentCache(**torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _slice_cache(cache: LatentCache, rank: int, world: int) -> LatentCache:
+    """Examples rank::world of a whole cache (what that rank's shard holds)."""
+    return LatentCache(image_ids=cache.image_ids[rank::world], latent_mean=cache.latent_mean[rank::world].clone(),
+                       latent_std=cache.latent_std[rank::world].clone(), time_ids=cache.time_ids[rank::world].clone(),
+                       prompt_index=cache.prompt_index[rank::world].clone(), prompts=cache.prompts,
+                       prompt_embeds=cache.prompt_embeds, pooled_embeds=cache.pooled_embeds,
+                       prompt_ids=cache.prompt_ids, meta=cache.meta)
+
+
+def merge_shards(shards: list[LatentCache], world: int) -> LatentCache:
+    """The whole cache from shards[r] = examples r::world: latents interleaved back into example order,
+    each shard's prompt rows re-indexed into the sorted union of prompts."""
+    n = sum(len(s) for s in shards)
+    first = shards[0]
+    mean = torch.empty((n, *first.latent_mean.shape[1:]), dtype=first.latent_mean.dtype)
+    std = torch.empty_like(mean)
+    time_ids = torch.empty((n, first.time_ids.shape[1]), dtype=first.time_ids.dtype)
+    image_ids: list[str] = [""] * n
+    prompts = sorted({p for s in shards for p in s.prompts})
+    rows: dict[str, tuple[LatentCache, int]] = {}
+    prompt_index = torch.empty(n, dtype=torch.long)
+    for r, shard in enumerate(shards):
+        mean[r::world], std[r::world], time_ids[r::world] = shard.latent_mean, shard.latent_std, shard.time_ids
+        image_ids[r::world] = shard.image_ids
+        prompt_index[r::world] = torch.tensor([prompts.index(shard.prompts[i]) for i in shard.prompt_index.tolist()],
+                                              dtype=torch.long)
+        for i, prompt in enumerate(shard.prompts):
+            rows.setdefault(prompt, (shard, i))
+    def gather(field_of) -> torch.Tensor:
+        return torch.stack([field_of(rows[p][0])[rows[p][1]] for p in prompts])
+    return LatentCache(
+        image_ids=image_ids, latent_mean=mean, latent_std=std, time_ids=time_ids, prompt_index=prompt_index,
+        prompts=prompts, prompt_embeds=gather(lambda s: s.prompt_embeds), pooled_embeds=gather(lambda s: s.pooled_embeds),
+        prompt_ids=[torch.stack([rows[p][0].prompt_ids[t][rows[p][1]] for p in prompts])
+                    for t in range(len(first.prompt_ids))],
+        meta=first.meta)
+
+
+class SharedCache:
+    """The fold's frozen encodings, made once over all DDP ranks and shared through the run store.
+
+    `put_shard()` (every rank, before a barrier) makes sure this rank's shard, examples rank::world, is in the
+    store: cut from a local whole cache when the rank has one (a restarted worker), else encoded.
+    `assemble()` (after the barrier) returns the whole cache: the local one, or the shards read and merged,
+    then kept on local disk. A shard that cannot be read is encoded again here, never trusted.
+    `encoded` counts the examples this rank encoded."""
+
+    def __init__(self, store, fold: int, cache_dir: Path, model_dir: str, pipe, examples: list[Example],
+                 resolution: int, hflip: bool, vae_fp32: bool, device: torch.device | str, rank: int, world: int):
+        from t2id import layout
+
+        self.store, self.fold, self.pipe, self.examples, self.device = store, fold, pipe, examples, device
+        self.resolution, self.hflip, self.vae_fp32, self.rank, self.world = resolution, hflip, vae_fp32, rank, world
+        self.key = cache_key(model_dir, examples, resolution, hflip, vae_fp32)
+        self.path = Path(cache_dir) / "lora-latents" / f"{self.key}.pt"
+        self.shard_key = lambda r: layout.lora.latent_shard(fold, self.key, r, world)
+        self.shards = min(world, len(examples))  # more ranks than examples: the extra ranks hold no shard
+        self.encoded = 0
+        self.local: LatentCache | None = None
+        if self.path.exists():
+            try:
+                self.local = _load_cache(self.path.read_bytes())
+            except Exception:  # a corrupt cache file is rebuilt, never trusted
+                self.path.unlink(missing_ok=True)
+
+    def _encode(self, r: int) -> LatentCache:
+        part = self.examples[r::self.world]
+        self.encoded += len(part)
+        return build_cache(self.pipe, part, self.store.read_bytes, self.resolution, self.hflip, self.vae_fp32,
+                           self.device)
+
+    def put_shard(self) -> None:
+        if self.rank < self.shards and not self.store.exists(self.shard_key(self.rank)):
+            shard = (_slice_cache(self.local, self.rank, self.world) if self.local is not None
+                     else self._encode(self.rank))
+            self.store.write_bytes(self.shard_key(self.rank), _cache_bytes(shard))
+
+    def assemble(self) -> LatentCache:
+        if self.local is not None:
+            return self.local
+        parts = []
+        for r in range(self.shards):
+            try:
+                parts.append(_load_cache(self.store.read_bytes(self.shard_key(r))))
+            except Exception:  # missing or damaged shard: encode it here rather than fail or trust it
+                parts.append(self._encode(r))
+        cache = merge_shards(parts, self.world)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{uuid.uuid4().hex}-{self.path.name}")
+        torch.save(cache.state(), tmp)
+        os.replace(tmp, self.path)
+        self.local = cache
+        return cache

@@ -33,7 +33,7 @@ import torch
 
 from t2id import layout
 from t2id.lora.config import LoraConfig
-from t2id.lora.data import Example, load_or_build_cache
+from t2id.lora.data import Example, SharedCache
 from t2id.lora.models import TINY, resolve_model_source
 from t2id.lora.train import (
     Hooks,
@@ -108,8 +108,13 @@ def train_func(config: dict[str, Any]) -> None:
     model_dir = resolve_model_source(cfg.base_model, cache_dir, cfg.allow_network, config["endpoint_url"])
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
-    cache = load_or_build_cache(cache_dir, model_dir, pipe, examples, store.read_bytes,
-                                cfg.resolution, cfg.hflip, cfg.vae_fp32, device)
+    # Encoded once over all ranks (each its share) and shared through the store (issue 17, item 5).
+    shared = SharedCache(store, fold, cache_dir, model_dir, pipe, examples, cfg.resolution, cfg.hflip,
+                         cfg.vae_fp32, device, rank, world)
+    shared.put_shard()
+    if world > 1:
+        torch.distributed.barrier()  # every shard is in the store
+    cache = shared.assemble()
 
     # 2. Adapter, optimizer, schedules; resume from the last checkpoint when there is one.
     state = setup_training(pipe, cfg, len(cache), world, device, seed)
@@ -148,7 +153,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 4. Outputs.
     record = {
-        "rank": rank, "world": world, "resumed_from_step": resumed_from,
+        "rank": rank, "world": world, "resumed_from_step": resumed_from, "examples_encoded": shared.encoded,
         "lora_digest": lora_digest(state.unet, *state.text_encoders),
         "steps": [[step, [cache.image_ids[i] for i in idx]] for step, idx in state.seen],
     }

@@ -40,13 +40,15 @@ demo: $(STAMP)
 test: $(STAMP) lint-iac
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Regenerate both locks from pyproject.toml (+ requirements.in) and requirements-iac.in with the
-# newest releases the ranges allow. Run it after changing a dependency or to take updates, then
-# `make test` and commit the locks with the change.
+# Regenerate the locks from pyproject.toml (+ requirements.in) and requirements-iac.in with the
+# newest releases the ranges allow, and the CPU image's lock from requirements.lock (standard
+# library only). Run it after changing a dependency or to take updates, then `make test` and
+# commit the locks with the change.
 lock:
 	@test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q '$(UV_SPEC)'; }
 	$(UV_COMPILE) pyproject.toml requirements.in --extra test -o $(LOCK)
 	$(UV_COMPILE) requirements-iac.in -o $(IAC_LOCK)
+	$(PYTHON) .ci/cpu_lock.py
 
 $(IAC_STAMP): $(IAC_LOCK)
 	@test -x $(IAC_VENV)/bin/python || $(PYTHON) -m venv $(IAC_VENV)

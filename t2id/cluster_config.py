@@ -128,9 +128,15 @@ class ClusterConfig(Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: all of this machine's).")
     namespace: str = Field("t2id", description="Kubernetes namespace for RayJobs.")
-    image: str | None = Field(None, description="Container image of the Ray pods, e.g. "
-                              "<terraform output ecr_repository_url>:<tag> on EKS, t2id:cpu after `kind load`. "
-                              "Needed to render or submit a RayJob (`--image` sets it on the command line).")
+    image: str | None = Field(None, description="Container image of the GPU workers (docker/Dockerfile.gpu), and "
+                              "of every Ray pod unless cpu_image is set, e.g. <terraform output ecr_repository_url>:"
+                              "<tag> on EKS, t2id:cpu after `kind load`. Needed to render or submit a RayJob "
+                              "(`--image` sets it on the command line).")
+    cpu_image: str | None = Field(None, description="Container image of the head, the CPU workers and the job "
+                                  "submitter (docker/Dockerfile.cpu: no triton or other CUDA-only packages torch "
+                                  "never loads on a CPU). Default: image. Must hold the same Ray, Python and t2id "
+                                  "as image (Ray refuses a node whose versions differ from the head's); "
+                                  "`--cpu-image` sets it.")
     image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$",
                                    description="imagePullPolicy of the Ray containers.")
     ray_version: str = Field(RAY_VERSION, description="Ray version inside the image (RayJob rayVersion).")

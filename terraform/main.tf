@@ -19,8 +19,9 @@ locals {
   # cluster-autoscaler release of the cluster's Kubernetes minor (helm.tf)
   cluster_autoscaler_tag = "v${var.kubernetes_version}.0"
 
-  # Root volume of every node: the 20 GiB default cannot hold the t2id image (the venv alone is
-  # 7.2 GB, pulled compressed and unpacked) plus kubelet's image GC headroom.
+  # Root volume of every node: the 20 GiB default cannot hold a t2id image (the venv alone is
+  # 6.2 GB in the CPU image the head and CPU workers pull, 7.3 GB in the GPU image; pulled
+  # compressed and unpacked) plus kubelet's image GC headroom.
   root_volume = {
     xvda = {
       device_name = "/dev/xvda"

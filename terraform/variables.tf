@@ -113,13 +113,13 @@ variable "kuberay_version" {
 }
 
 variable "node_disk_gib" {
-  description = "Root volume (GiB) of the head and CPU worker nodes: holds the pulled t2id image (about 10 GB unpacked) and pod emptyDirs."
+  description = "Root volume (GiB) of the head and CPU worker nodes: holds the pulled t2id CPU image (docker/Dockerfile.cpu) and pod emptyDirs."
   type        = number
   default     = 100
 }
 
 variable "gpu_node_disk_gib" {
-  description = "Root volume (GiB) of the GPU nodes: the CUDA image, SDXL weights and caches in pod emptyDirs."
+  description = "Root volume (GiB) of the GPU nodes: the GPU image (docker/Dockerfile.gpu), SDXL weights and caches in pod emptyDirs."
   type        = number
   default     = 200
 }

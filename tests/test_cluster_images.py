@@ -79,12 +79,27 @@ def test_cpu_image_apt_list_satisfies_ldd_of_cv2():
             out = subprocess.run(["dpkg", "-S", str(Path(path).resolve())], capture_output=True, text=True)
         assert out.returncode == 0, f"{soname}: {path} belongs to no Debian package here"
         owners[soname] = out.stdout.split(":")[0]
-    for kind in ("cpu", "gpu"):
-        installed = _runtime_apt_packages(DOCKERFILES[kind])
-        assert {"libgl1", "libglib2.0-0"} <= installed, kind
-    provided = _closure(_runtime_apt_packages(DOCKERFILES["cpu"])) | BASE_PACKAGES
-    missing = {soname: pkg for soname, pkg in owners.items() if pkg not in provided}
-    assert missing == {}, f"Dockerfile.cpu's apt-get install lacks the packages of {missing}"
+    for kind in ("cpu", "gpu"):  # both on the same slim Debian base (test below)
+        provided = _closure(_runtime_apt_packages(DOCKERFILES[kind])) | BASE_PACKAGES
+        missing = {soname: pkg for soname, pkg in owners.items() if pkg not in provided}
+        assert missing == {}, f"Dockerfile.{kind}'s apt-get install lacks the packages of {missing}"
+
+
+def test_both_images_run_the_python_the_lock_was_resolved_for():
+    """Ray refuses a worker whose Python major.minor differs from the head's (head and CPU workers
+    run the CPU image, GPU workers the GPU image), and the lock pins other numpy/scipy releases for
+    Python >= 3.12 than the 3.11 ones CI tests: both images start from one python:3.11 base."""
+    bases = {}
+    for kind, dockerfile in DOCKERFILES.items():
+        text = dockerfile.read_text()
+        [bases[kind]] = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.M)
+        froms = re.findall(r"^FROM (\S+)", text, flags=re.M)
+        assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"], (kind, froms)
+    assert bases["cpu"] == bases["gpu"]
+    match = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-bookworm", bases["cpu"])
+    assert match, bases
+    lock_python = re.search(r"--python-version (\d+)\.(\d+)", (REPO / "Makefile").read_text()).groups()
+    assert match.groups() == lock_python == (str(sys.version_info.major), str(sys.version_info.minor))
 
 
 def test_a_regular_install_finds_its_built_in_configs(tmp_path):

@@ -43,6 +43,14 @@ def _containers(job):
     return templates
 
 
+def _images_by_pod(job) -> dict[str, str]:
+    """head / submitter / <worker group name> -> the image its container runs."""
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"], "submitter": job["spec"]["submitterPodTemplate"]}
+    pods |= {g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}
+    return {name: t["spec"]["containers"][0]["image"] for name, t in pods.items()}
+
+
 @needs_crds
 def test_rendered_pipeline_and_stage_jobs_validate(cfg, schemas):
     objects = render(cfg, list(STAGES))
@@ -149,6 +157,24 @@ def test_rendering_needs_an_image(tmp_path):
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides={"store.uri": "s3://b/r"})
     with pytest.raises(UserError, match=r"cluster.image is not set: .*ecr_repository_url"):
         render(cfg)
+    with pytest.raises(UserError, match=r"cluster.image is not set"):  # the GPU workers still need one
+        render(load_config(REPO / "configs" / "demo.yaml", overrides={"store.uri": "s3://b/r",
+                                                                      "cluster.cpu_image": "r/t2id:1-cpu"}))
+
+
+def test_gpu_workers_run_the_gpu_image_and_every_other_pod_the_cpu_image(cfg):
+    """Issue 16 item 11: nodes that never touch a GPU pull the smaller CPU image; without
+    cluster.cpu_image every pod runs cluster.image, as before."""
+    assert _images_by_pod(build_rayjob(cfg)) == {
+        "head": "registry.example/t2id:1", "submitter": "registry.example/t2id:1",
+        "gpu": "registry.example/t2id:1", "cpu": "registry.example/t2id:1"}
+    two = load_config(REPO / "configs" / "demo.yaml", overrides={
+        "store.uri": "s3://bucket/runs", "cluster.image": "registry.example/t2id:1",
+        "cluster.cpu_image": "registry.example/t2id:1-cpu"})
+    for stage in (None, "lora", "report"):
+        assert _images_by_pod(build_rayjob(two, stage)) == {
+            "head": "registry.example/t2id:1-cpu", "submitter": "registry.example/t2id:1-cpu",
+            "gpu": "registry.example/t2id:1", "cpu": "registry.example/t2id:1-cpu"}
 
 
 @needs_crds
@@ -213,7 +239,16 @@ def test_kustomize_builds_validate(folder, n_jobs, schemas):
         assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     images = {c["image"] for job in jobs for t in _containers(job) for c in t["spec"]["containers"]}
     if folder in ("overlays/aws", "overlays/aws-stages", "overlays/kueue"):
-        assert len(images) == 1 and re.match(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/t2id:", images.pop())
+        # one ECR repository, two images: the GPU image on GPU workers only, the CPU image elsewhere
+        ecr = r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/t2id:"
+        for job in jobs:
+            by_pod = _images_by_pod(job)
+            assert re.fullmatch(ecr + r"[\w.]+-gpu", by_pod.pop("gpu")), job["metadata"]["name"]
+            assert all(re.fullmatch(ecr + r"[\w.]+-cpu", i) for i in by_pod.values()), by_pod
+        assert len(images) == 2
+    elif folder in ("base", "stages"):
+        assert {_images_by_pod(job)["gpu"] for job in jobs} == {"t2id-gpu"}
+        assert images == {"t2id-gpu", "t2id-cpu"}  # the placeholders the overlays' `images` rewrite
     if folder.endswith("stages"):
         assert all(j["spec"]["suspend"] is True for j in jobs)  # applying the folder starts nothing
         assert "ConfigMap" in kinds  # the config the stage jobs mount comes with them
@@ -257,10 +292,13 @@ def test_cli_render_and_validate(tmp_path):
     config.write_text((REPO / "configs" / "demo.yaml").read_text().replace("./t2id-demo/store", "s3://b/runs"))
     runner = CliRunner()
     rendered = runner.invoke(app, ["k8s", "render", str(config), "--stage", "data", "--stage", "lora",
-                                   "--image", "registry.example/t2id:1"])
+                                   "--image", "registry.example/t2id:1", "--cpu-image", "registry.example/t2id:1-cpu"])
     assert rendered.exit_code == 0, rendered.output
     docs = list(yaml.safe_load_all(rendered.output))
     assert [d["metadata"]["name"] for d in docs] == ["t2id-demo-config", "t2id-demo-data", "t2id-demo-lora"]
+    cpu_image = "registry.example/t2id:1-cpu"
+    assert _images_by_pod(docs[2]) == {"head": cpu_image, "submitter": cpu_image,
+                                       "gpu": "registry.example/t2id:1", "cpu": cpu_image}
     out = tmp_path / "rendered.yaml"
     out.write_text(rendered.output)
     ok = runner.invoke(app, ["k8s", "validate", str(out), "--crds", str(CRDS)])

@@ -62,8 +62,8 @@ def test_dockerignore_keeps_the_build_context_small():
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*"  # everything excluded, then the few inputs re-included
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert included == {"pyproject.toml", "requirements.lock", "README.md", "t2id", "jobs", "configs",
-                        "docker/entrypoint.sh"}
+    assert included == {"pyproject.toml", "requirements.lock", "requirements-cpu.lock", ".ci/cpu_lock.py",
+                        "README.md", "t2id", "jobs", "configs", "docker/entrypoint.sh"}
 
 
 # ---------------------------------------------------------------- kubernetes core kinds

@@ -70,7 +70,7 @@ def test_lock_satisfies_every_direct_requirement(lock):
                     assert canonicalize_name(dep.name) in lock, f"{req.name}[{extra}] needs {dep.name}, not locked"
 
 
-@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-iac.lock"])
+@pytest.mark.parametrize("lock_name", ["requirements.lock", "requirements-cpu.lock", "requirements-iac.lock"])
 def test_every_pin_is_exact_and_hashed(lock_name):
     entries = read_lock(REPO / lock_name)
     assert len(entries) > 20
@@ -97,15 +97,17 @@ def test_this_environment_is_exactly_the_lock(lock):
     assert not drift, "venv differs from requirements.lock (run `make install`): " + "; ".join(drift)
 
 
-@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile.cpu", "docker/Dockerfile.gpu"])
-def test_images_install_exactly_the_lock(dockerfile, lock):
+@pytest.mark.parametrize(("dockerfile", "lock_name"), [("docker/Dockerfile.cpu", "requirements-cpu.lock"),
+                                                       ("docker/Dockerfile.gpu", "requirements.lock")])
+def test_images_install_exactly_the_lock(dockerfile, lock_name, lock):
+    # The CPU image's lock is this lock minus CUDA-only packages (tests/test_cpu_lock.py).
     text = (REPO / dockerfile).read_text().replace("\\\n", " ")
     installs = [line for line in text.splitlines() if "pip install" in line]
-    assert any("--require-hashes -r /src/requirements.lock" in line for line in installs), installs
+    assert any(f"-r /src/{lock_name}" in line and "--require-hashes" in line for line in installs), installs
     for line in installs:  # nothing else may resolve packages on its own
         assert "--require-hashes" in line or "--no-deps" in line, f"{dockerfile}: unlocked install: {line}"
-    assert "COPY requirements.lock" in text
-    assert "!requirements.lock" in (REPO / ".dockerignore").read_text()
+    assert f"COPY {lock_name}" in text
+    assert f"!{lock_name}" in (REPO / ".dockerignore").read_text()
     ray_arg = set(re.findall(r"ARG RAY_VERSION=(\S+)", text))
     assert ray_arg == {pinned_version(applicable(lock["ray"]))}, f"{dockerfile}: RAY_VERSION {ray_arg} != lock"
 

@@ -266,7 +266,8 @@ def _s3_config(tmp_path: Path, image: str | None = "registry.example/t2id:1") ->
 
 
 def test_submit_k8s_needs_an_image_and_takes_it_from_the_command_line(kube, tmp_path):
-    """t2id:gpu exists on no EKS node: without cluster.image nothing is created, --image sets it."""
+    """t2id:gpu exists on no EKS node: without cluster.image nothing is created, --image sets it
+    (and --cpu-image the image of every pod but the GPU workers)."""
     config = _s3_config(tmp_path, image=None)
     refused = CliRunner().invoke(app, ["submit", str(config), "--k8s", "--no-wait"])
     assert refused.exit_code == 1 and "cluster.image is not set" in str(refused.exception)
@@ -280,6 +281,18 @@ def test_submit_k8s_needs_an_image_and_takes_it_from_the_command_line(kube, tmp_
     templates = [cluster["headGroupSpec"]["template"], job["spec"]["submitterPodTemplate"]]
     templates += [g["template"] for g in cluster["workerGroupSpecs"]]
     assert {c["image"] for t in templates for c in t["spec"]["containers"]} == {image}
+    # --cpu-image: the head, CPU workers and submitter pull the CPU image, the GPU workers keep --image
+    cpu_image = image.replace("-gpu", "-cpu")
+    kube.existing.clear()  # as if the first RayJob's TTL had run out
+    ok = CliRunner().invoke(app, ["submit", str(config), "--k8s", "--no-wait", "--image", image,
+                                  "--cpu-image", cpu_image])
+    assert ok.exit_code == 0, ok.output
+    job = [body for method, path, body in kube.requests if method == "POST" and path.endswith("/rayjobs")][-1]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert {g["groupName"]: g["template"]["spec"]["containers"][0]["image"] for g in cluster["workerGroupSpecs"]} == {
+        "gpu": image, "cpu": cpu_image}
+    for template in (cluster["headGroupSpec"]["template"], job["spec"]["submitterPodTemplate"]):
+        assert template["spec"]["containers"][0]["image"] == cpu_image
 
 
 def test_submit_k8s_creates_exactly_the_rendered_objects_and_follows_to_success(kube, tmp_path):

@@ -26,8 +26,12 @@ def submit(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return after submitting.")] = False,
     upload_code: Annotated[bool, typer.Option("--upload-code", help="Ship this checkout's t2id package with the "
                                               "job (Ray path), for a cluster whose image has another version.")] = False,
-    image: Annotated[str | None, typer.Option(help="Image of the Ray pods for --k8s (sets cluster.image), e.g. "
-                                              "<ecr_repository_url>:<tag>.")] = None,
+    image: Annotated[str | None, typer.Option(help="Image of the Ray pods for --k8s (sets cluster.image; the GPU "
+                                              "workers', and every pod's without --cpu-image), e.g. "
+                                              "<ecr_repository_url>:<tag>-gpu.")] = None,
+    cpu_image: Annotated[str | None, typer.Option(help="Image of the head, CPU workers and submitter for --k8s "
+                                                  "(sets cluster.cpu_image), e.g. <ecr_repository_url>:<tag>-cpu."
+                                                  )] = None,
     timeout: Annotated[float | None, typer.Option(help="Stop following a RayJob after this many seconds.")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between RayJob status reads.", hidden=True)] = 5.0,
     logs: Annotated[bool, typer.Option("--logs", help="Stream the Ray job's raw log instead of its progress "
@@ -42,6 +46,8 @@ def submit(
         overrides["cluster.namespace"] = namespace
     if image:
         overrides["cluster.image"] = image
+    if cpu_image:
+        overrides["cluster.cpu_image"] = cpu_image
     cfg = load_config(config, overrides=overrides or None)
     if k8s:
         if force:
@@ -66,14 +72,18 @@ def render(
     all_stages: Annotated[bool, typer.Option("--all-stages", help="One RayJob per stage in run.stages.")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write one YAML file per object here "
                                                  "instead of printing.")] = None,
-    image: Annotated[str | None, typer.Option(help="Image of the Ray pods (sets cluster.image).")] = None,
+    image: Annotated[str | None, typer.Option(help="Image of the GPU workers, and of every pod without "
+                                              "--cpu-image (sets cluster.image).")] = None,
+    cpu_image: Annotated[str | None, typer.Option(help="Image of the head, CPU workers and submitter "
+                                                  "(sets cluster.cpu_image).")] = None,
 ) -> None:
     """Print the ConfigMap and RayJob(s) for a config (YAML, ready for kubectl apply -f -)."""
     from t2id.config import load_config
     from t2id.deploy.manifests import render as render_objects
     from t2id.deploy.manifests import to_yaml, write_files
 
-    cfg = load_config(config, overrides={"cluster.image": image} if image else None)
+    overrides = {key: value for key, value in (("cluster.image", image), ("cluster.cpu_image", cpu_image)) if value}
+    cfg = load_config(config, overrides=overrides or None)
     stages = list(cfg.run.stages) if all_stages else (stage or None)
     objects = render_objects(cfg, stages)
     if out_dir is None:

@@ -7,6 +7,8 @@ take). The shape follows KubeRay v1.7 `ray.io/v1` RayJob (shared/kuberay/crds):
     with explicit minReplicas/maxReplicas (the API server would default them, an offline
     validator does not) and in-tree autoscaling; with Kueue (which admits fixed-size clusters only)
     autoscaling is off and every group runs maxReplicas workers;
+  - images: the GPU group runs cluster.image (docker/Dockerfile.gpu), the head, CPU group and
+    submitter cluster.cpu_image (docker/Dockerfile.cpu), which defaults to cluster.image;
   - /dev/shm as large as Ray's object store needs (the pod's memory unless cluster.*.shm says less);
   - Ray token auth (authOptions mode token): the job API and client port refuse unauthenticated calls;
   - shutdownAfterJobFinishes + ttlSecondsAfterFinished, backoffLimit, activeDeadlineSeconds;
@@ -131,12 +133,19 @@ def _resources(shape: PodShape) -> dict[str, Any]:
 
 
 def image(cfg: T2IDConfig) -> str:
-    """cluster.image, which has no usable default: a cluster pulls from a registry only it knows."""
+    """cluster.image (the GPU workers' image), which has no usable default: a cluster pulls from a
+    registry only it knows."""
     if not cfg.cluster.image:
         raise UserError("cluster.image is not set: set it to the image your nodes pull, e.g. "
                         "<terraform output ecr_repository_url>:<tag> on EKS or t2id:cpu after `kind load "
                         "docker-image` (or pass --image)")
     return cfg.cluster.image
+
+
+def cpu_image(cfg: T2IDConfig) -> str:
+    """The head's, CPU workers' and submitter's image: cluster.cpu_image, else cluster.image. Nodes
+    that never touch a GPU then pull the CPU image, 1.1 GB smaller (docker/Dockerfile.cpu)."""
+    return cfg.cluster.cpu_image or image(cfg)
 
 
 def _volumes(cfg: T2IDConfig, shape: PodShape) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -157,12 +166,12 @@ def _volumes(cfg: T2IDConfig, shape: PodShape) -> tuple[list[dict[str, Any]], li
     return volumes, mounts
 
 
-def _pod_template(cfg: T2IDConfig, stage: str | None, shape: PodShape, container: str,
+def _pod_template(cfg: T2IDConfig, stage: str | None, shape: PodShape, container: str, pod_image: str,
                   ports: list[dict[str, Any]] | None, automount_token: bool) -> dict[str, Any]:
     volumes, mounts = _volumes(cfg, shape)
     main: dict[str, Any] = {
         "name": container,
-        "image": image(cfg),
+        "image": pod_image,
         "imagePullPolicy": cfg.cluster.image_pull_policy,
         "env": _env(cfg),
         "resources": _resources(shape),
@@ -189,7 +198,8 @@ def _pod_template(cfg: T2IDConfig, stage: str | None, shape: PodShape, container
     return {"metadata": {"labels": labels, "annotations": _checkov_skips(*skips)}, "spec": spec}
 
 
-def _worker_group(cfg: T2IDConfig, stage: str | None, name: str, group: WorkerGroupConfig) -> dict[str, Any]:
+def _worker_group(cfg: T2IDConfig, stage: str | None, name: str, group: WorkerGroupConfig,
+                  pod_image: str) -> dict[str, Any]:
     # Without the autoscaler nothing moves replicas: the group is fixed at max_replicas (what Kueue
     # reserves quota for); replicas 0 would leave a head that runs no tasks alone.
     fixed = not cfg.cluster.autoscale
@@ -199,7 +209,7 @@ def _worker_group(cfg: T2IDConfig, stage: str | None, name: str, group: WorkerGr
         "minReplicas": group.max_replicas if fixed else group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": {},
-        "template": _pod_template(cfg, stage, group, "ray-worker", None, automount_token=False),
+        "template": _pod_template(cfg, stage, group, "ray-worker", pod_image, None, automount_token=False),
     }
 
 
@@ -215,7 +225,7 @@ def _submitter_template(cfg: T2IDConfig, stage: str | None) -> dict[str, Any]:
             "securityContext": pod_security_context(),
             "containers": [{
                 "name": "ray-job-submitter",
-                "image": image(cfg),
+                "image": cpu_image(cfg),
                 "imagePullPolicy": cfg.cluster.image_pull_policy,
                 "env": [{"name": "HOME", "value": "/tmp"}],
                 "resources": {"requests": {"cpu": "200m", "memory": "512Mi"},
@@ -256,8 +266,10 @@ def build_rayjob(cfg: T2IDConfig, stage: str | None = None) -> dict[str, Any]:
     head_ports = [{"containerPort": GCS_PORT, "name": "gcs-server"},
                   {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
                   {"containerPort": CLIENT_PORT, "name": "client"}]
-    workers = [_worker_group(cfg, stage, name, group)
-               for name, group in (("gpu", c.gpu_workers), ("cpu", c.cpu_workers)) if group.max_replicas > 0]
+    # GPU workers run the CUDA image; the head (no tasks), CPU workers and submitter the CPU image.
+    groups = (("gpu", c.gpu_workers, image(cfg)), ("cpu", c.cpu_workers, cpu_image(cfg)))
+    workers = [_worker_group(cfg, stage, name, group, pod_image)
+               for name, group, pod_image in groups if group.max_replicas > 0]
     labels = _object_labels(cfg, stage)
     if c.kueue_queue:
         labels[KUEUE_LABEL] = c.kueue_queue
@@ -281,7 +293,8 @@ def build_rayjob(cfg: T2IDConfig, stage: str | None = None) -> dict[str, Any]:
         # num-cpus 0: the head schedules no tasks, so losing a worker never loses the GCS.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         # Only the autoscaler sidecar needs a Kubernetes API token.
-        "template": _pod_template(cfg, stage, c.head, "ray-head", head_ports, automount_token=c.autoscale),
+        "template": _pod_template(cfg, stage, c.head, "ray-head", cpu_image(cfg), head_ports,
+                                  automount_token=c.autoscale),
     }
     cluster_spec["workerGroupSpecs"] = workers
     spec: dict[str, Any] = {

@@ -106,6 +106,9 @@ class T2IDConfig(Section):
         elif self.data.labels is not None:
             raise ValueError("data.labels (a classification CSV) is set but run.task is detect; set run.task: "
                              "classify, or remove data.labels")
+        elif self.report.metric in ("f1", "auc"):
+            raise ValueError(f"report.metric {self.report.metric!r} is a classification metric but run.task is detect; "
+                             "use map50_95, map50, precision or recall")
         ev = self.evaluate
         # Random stand-in metric networks only beside the tiny random generator: with a real SDXL,
         # FID/KID/IS/CLIP from random nets would sit next to the paper's values looking comparable.

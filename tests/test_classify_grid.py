@@ -126,14 +126,17 @@ def test_torchvision_classifiers_take_a_state_dict_file_and_get_a_new_head(tmp_p
         build_classifier("resnet18", 5, 32, tmp_path / "tiny.pth")
 
 
-def test_grid_runs_classifier_trials_on_ray_tune(run, ray_local):
+def test_grid_runs_classifier_trials_on_ray_tune_and_the_report_tabulates_them(run, ray_local):
     from t2id.data.stage import STAGE as DATA
     from t2id.grid.stage import STAGE as GRID
+    from t2id.report.stage import STAGE as REPORT
     from t2id.split.stage import STAGE as SPLIT
 
     _, store, tmp = run
     cfg = _config(tmp, folds=[1])  # the same run, one fold: two trials side by side on 2 CPUs
-    outcome = run_pipeline(cfg, stages={"data": DATA, "split": SPLIT, "grid": GRID})
+    cfg.run.stages = ["data", "split", "grid", "report"]
+    cfg.report.bootstrap_samples = 50
+    outcome = run_pipeline(cfg, stages={"data": DATA, "split": SPLIT, "grid": GRID, "report": REPORT})
     trials = store.read_table(layout.grid.trials).to_pandas()
     classes = load_classes(store)
     assert len(trials) == 2 * (1 + len(classes))  # strategies x (all classes + each class)
@@ -144,4 +147,18 @@ def test_grid_runs_classifier_trials_on_ray_tune(run, ray_local):
     assert per_class["recall"].notna().all() and (per_class["support"] > 0).all()  # every plane in every fold
     result = json.loads(store.read_text(layout.grid.result(1, "cas", 0)))
     assert result["selection"] == "final" and result["images_seen"] == result["budget"]
-    assert outcome[-1].summary["trials"] == 2
+    assert outcome[-2].summary["trials"] == 2
+
+    # The report: strategies x metrics per class, n stated, the paired comparison with the image-level interval.
+    report = store.read_text(layout.report.report_md)
+    assert "n = 1 fold × 1 seed = 1 trial per cell" in report
+    for table in ("overall.csv", "table_ii.csv", "table_f1.csv", "table_auc.csv", "significance.csv"):
+        assert store.exists(layout.report.table(table)), table
+    import io
+    import pandas as pd
+    recall = pd.read_csv(io.StringIO(store.read_text(layout.report.table("table_ii.csv"))), dtype=str).set_index("class")
+    assert list(recall.index) == ["all classes", *classes] and list(recall.columns) == ["baseline", "cas"]
+    expected = trials[(trials["strategy"] == "cas") & (trials["class"] == classes[0])]["recall"].iloc[0]
+    assert recall.loc[classes[0], "cas"] == f"{expected * 100:.1f}"
+    tests = pd.read_csv(io.StringIO(store.read_text(layout.report.table("significance.csv"))))
+    assert tests["boot_resamples"].gt(0).any() and set(tests["strategy"]) == {"cas"}

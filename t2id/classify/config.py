@@ -37,6 +37,10 @@ class ClassifierConfig(Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     hflip: bool = Field(True, description="Random horizontal flip of training images.")
+    jitter: bool = Field(
+        True, description="Random shift of each training batch by up to 10% of the side (edge pixels repeated) and "
+                          "per-image gain x U(0.6, 1.4) and offset N(0, 0.5) after normalization: subjects differ in "
+                          "probe position, gain and attenuation, and a classifier of few subjects otherwise learns them.")
 
     @model_validator(mode="after")
     def _vit_patch(self) -> ClassifierConfig:

@@ -55,9 +55,10 @@ def binary_auc(positive: np.ndarray, score: np.ndarray, weights: np.ndarray | No
     return float(wins.sum() / (w_pos * w_neg))
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None
-                           ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """(overall metrics, one dict of per-class metrics per class) of class scores `probs` [N, K] for targets `y_true`."""
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
+                           with_auc: bool = True) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(overall metrics, one dict of per-class metrics per class) of class scores `probs` [N, K] for targets `y_true`.
+    `with_auc` False skips the AUCs (NaN), the only part that sorts: the bootstrap of another metric needs none."""
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, float)
     n_classes = probs.shape[1]
@@ -72,7 +73,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, weights: np.nd
         precision = np.where(predicted > 0, tp / predicted, 0.0)
         denominator = support + predicted  # = 2 TP + FP + FN
         f1 = np.where(denominator > 0, 2 * tp / denominator, 0.0)
-    auc = np.array([binary_auc(y_true == c, probs[:, c], w) for c in range(n_classes)])
+    auc = (np.array([binary_auc(y_true == c, probs[:, c], w) for c in range(n_classes)]) if with_auc
+           else np.full(n_classes, np.nan))
     total = w.sum()
     overall = {
         "accuracy": float(tp.sum() / total) if total > 0 else float("nan"),

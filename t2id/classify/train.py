@@ -10,7 +10,7 @@ The strategy axes are the detector's (t2id.detect.config.StrategySpec), with the
   - synthetic: the fold's kept generated images join the training pool, each labelled with the class its
     prompt asked for (label_source "prompt": there are no boxes to check, nothing to label).
   - augment: classification has none of the detector's (mosaic/mixup); only `plain` is accepted
-    (t2id.classify.config), with a random horizontal flip when grid.classifier.hflip.
+    (t2id.classify.config); every strategy gets the classifier's own augmentation (grid.classifier.hflip, jitter).
 Equal budget (grid.budget): every strategy's epoch draws the same number of images, from the fold's REAL
 training image count (synthetic images are not counted), so all strategies see the same images in number
 and take the same optimizer steps. No checkpoint is selected on the validation images: the metrics are the
@@ -124,6 +124,17 @@ def _normalize(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (x - MEAN.to(device)) / STD.to(device)
 
 
+def jitter(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Shift the batch by up to 10% of the side (replicated edges) and jitter each image's gain and offset."""
+    n, side = x.shape[0], x.shape[-1]
+    pad = max(side // 10, 1)
+    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=rng))
+    x = nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")[..., dy:dy + side, dx:dx + side]
+    gain = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=rng)
+    offset = 0.5 * torch.randn(n, 1, 1, 1, generator=rng)
+    return x * gain.to(x.device) + offset.to(x.device)
+
+
 def train_classifier(data: FoldImages, spec: StrategySpec, cfg: ClassifierConfig, classes: list[str], seed: int,
                      budget: BudgetConfig | None = None, device: str = "cpu",
                      weights: Path | None = None) -> dict[str, Any]:
@@ -155,7 +166,10 @@ def train_classifier(data: FoldImages, spec: StrategySpec, cfg: ClassifierConfig
             if len(idx) == 1:  # BatchNorm cannot train on one image: the draw still counts, no step
                 seen += 1
                 continue
-            loss = loss_fn(model(_normalize(x, dev)), labels_t[idx].to(dev))
+            x = _normalize(x, dev)
+            if cfg.jitter:
+                x = jitter(x, flip_rng)
+            loss = loss_fn(model(x), labels_t[idx].to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -139,3 +139,19 @@ def test_phantom_source_check_cli_and_config_rules(tmp_path):
     with pytest.raises(Exception, match="mosaic"):
         validate_config({"run": {"task": "classify"}})
     assert "label" not in validate_config({"run": {"task": "classify"}, "grid": {"strategies": ["cas"]}}).run.stages
+
+
+def test_demo_config_plans_and_preflight_names_missing_classifier_weights(tmp_path):
+    from t2id.config import builtin_config, load_config
+    from t2id.plan import make_plan
+    from t2id.preflight import preflight
+
+    cfg = load_config(builtin_config("demo-classify"), overrides={"store.uri": str(tmp_path / "s"),
+                                                                  "store.cache_dir": str(tmp_path / "c")})
+    plan = make_plan(cfg, "demo-classify")
+    assert plan.dataset.images == 96 and plan.dataset.rare_images > 0
+    assert next(p for p in plan.stages if p.stage == "grid").counts["trials"] == 24
+    preflight(cfg)  # random init: nothing to find
+    cfg.grid.classifier.weights = str(tmp_path / "resnet50.pth")
+    with pytest.raises(UserError, match="grid.classifier.weights .*file not found"):
+        preflight(cfg)

@@ -155,3 +155,11 @@ def test_demo_config_plans_and_preflight_names_missing_classifier_weights(tmp_pa
     cfg.grid.classifier.weights = str(tmp_path / "resnet50.pth")
     with pytest.raises(UserError, match="grid.classifier.weights .*file not found"):
         preflight(cfg)
+
+
+def test_demo_rejects_an_unknown_task_in_one_line(tmp_path):
+    from t2id.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--task", "segment", "--out", str(tmp_path)])
+    assert isinstance(result.exception, UserError)  # t2id.cli.main prints it as one line
+    assert "--task 'segment': use detect or classify" in str(result.exception)

@@ -20,7 +20,7 @@ from rich.markup import escape
 from t2id import layout
 from t2id.data.cli import app as data_app
 from t2id.deploy.cli import register as register_deploy
-from t2id.errors import one_line
+from t2id.errors import UserError, one_line
 from t2id.evaluate.cli import app as models_app
 
 app = typer.Typer(help="T2ID-CAS as resumable Ray batch jobs.", no_args_is_help=True,
@@ -98,6 +98,8 @@ def run(
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the demo store.")] = Path("t2id-demo"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    task: Annotated[str, typer.Option(help="detect (configs/demo.yaml) or classify (configs/demo-classify.yaml).")
+                    ] = "detect",
 ) -> None:
     """The whole pipeline on the built-in demo config: phantom data, tiny models, local Ray."""
     from t2id.config import builtin_config, load_config
@@ -105,7 +107,9 @@ def demo(
     from t2id.runner import run_pipeline, run_store
 
     store_dir = out_dir.expanduser().resolve()
-    cfg = load_config(builtin_config("demo"), overrides={
+    if task not in ("detect", "classify"):
+        raise UserError(f"--task {task!r}: use detect or classify")
+    cfg = load_config(builtin_config("demo" if task == "detect" else "demo-classify"), overrides={
         "store.uri": str(store_dir / "store"),
         "store.cache_dir": str(store_dir / "cache"),
     })

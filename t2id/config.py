@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -37,7 +37,11 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 class RunConfig(Section):
     id: str = Field("t2id-run", description="Run id: the run lives under <store>/<id>/; the same id resumes the run.")
     seed: int = Field(0, ge=0, description="Root seed; every random choice in every stage derives from it.")
-    stages: list[str] = Field(list(STAGES), description="Stages `t2id run` executes, in pipeline order.")
+    task: Literal["detect", "classify"] = Field(
+        "detect", description="detect: boxes (YOLO dataset, detector grid); classify: image-level labels (image-folder "
+                              "or CSV dataset, classifier grid; t2id.classify). Classify has no label stage.")
+    stages: list[str] = Field(list(STAGES), description="Stages `t2id run` executes, in pipeline order "
+                                                        "(default: all; for run.task classify, all but label).")
     description: str = Field("", description="Free text shown in the report.")
     # How the run is watched, not what it produces: in no stage's settings, so it never reruns a stage.
     tracking: TrackingConfig = Field(default_factory=TrackingConfig,
@@ -57,6 +61,16 @@ class RunConfig(Section):
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
         return [s for s in STAGES if s in value]  # pipeline order, whatever order was written
+
+    @model_validator(mode="after")
+    def _classify_has_no_label_stage(self) -> "RunConfig":
+        # A synthetic image's class is the class its prompt asked for (label_source "prompt"): nothing to label.
+        if self.task == "classify" and "label" in self.stages:
+            if "stages" in self.model_fields_set:
+                raise ValueError("run.stages lists 'label' but run.task is classify: a synthetic image's class is "
+                                 "its prompt's class, there are no boxes to label; remove 'label' from run.stages")
+            self.stages = [s for s in self.stages if s != "label"]
+        return self
 
 
 class StoreConfig(Section):
@@ -86,6 +100,15 @@ class T2IDConfig(Section):
     def _cross_section(self) -> "T2IDConfig":
         """Checks that span sections (each section validates itself)."""
         stages = set(self.run.stages)
+        if self.run.task == "classify":
+            from t2id.classify.config import check_classify_config
+            check_classify_config(self)
+        elif self.data.labels is not None:
+            raise ValueError("data.labels (a classification CSV) is set but run.task is detect; set run.task: "
+                             "classify, or remove data.labels")
+        elif self.report.metric in ("f1", "auc"):
+            raise ValueError(f"report.metric {self.report.metric!r} is a classification metric but run.task is detect; "
+                             "use map50_95, map50, precision or recall")
         ev = self.evaluate
         # Random stand-in metric networks only beside the tiny random generator: with a real SDXL,
         # FID/KID/IS/CLIP from random nets would sit next to the paper's values looking comparable.

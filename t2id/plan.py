@@ -127,6 +127,16 @@ def _phantom(cfg: T2IDConfig, k: int) -> Dataset:
     from t2id.data.phantom import write_phantom
 
     ph = cfg.data.phantom
+    if cfg.run.task == "classify":  # the image-level variant: one folder per scan plane
+        from t2id.classify.phantom import write_classify_phantom
+
+        with tempfile.TemporaryDirectory(prefix="t2id-plan-") as tmp:
+            root = write_classify_phantom(tmp, subjects=ph.subjects, frames_per_subject=ph.frames_per_subject,
+                                          size=32, seed=ph.seed)
+            images = len(list(root.glob("*/*.png")))
+            rare = sum(len(list((root / t.name).glob("*.png"))) for t in cfg.lora.target_classes)
+        return _uniform(images, rare, k, f"the image-level phantom (data.phantom: {ph.subjects} subjects x "
+                                         f"{ph.frames_per_subject} frames)")
     targets = {str(PAPER_CLASSES.index(t.name)) for t in cfg.lora.target_classes if t.name in PAPER_CLASSES}
     with tempfile.TemporaryDirectory(prefix="t2id-plan-") as tmp:
         root = write_phantom(tmp, subjects=ph.subjects, frames_per_subject=ph.frames_per_subject, size=32,
@@ -311,7 +321,16 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
             float(n_gpus), _hours(seconds), _hours(seconds / n_gpus), cfg.evaluate.device != "cpu", note(row),
             {"real_images": real, "synthetic_images": synthetic}))
 
-    if "grid" in stages:
+    if "grid" in stages and cfg.run.task == "classify":
+        gr = cfg.grid
+        seeds = gr.seeds or [gr.seed if gr.seed is not None else cfg.run.seed]
+        folds = gr.folds if gr.folds is not None else list(range(k))
+        trials = len(folds) * len(gr.strategies) * len(seeds)
+        plans.append(StagePlan(
+            "grid", f"{trials} classifier trials ({gr.classifier.model}, {gr.classifier.epochs} epochs at "
+            f"{gr.classifier.imgsz} px); not estimated: t2id/plan_throughput.py has no measured classifier rate",
+            0, 0.0, 0.0, gr.gpus_per_trial > 0, "not measured", {"trials": trials}))
+    elif "grid" in stages:
         gr = cfg.grid
         det = gr.detector
         folds = gr.folds if gr.folds is not None else list(range(k))

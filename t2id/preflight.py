@@ -264,7 +264,14 @@ def preflight(cfg: T2IDConfig, stages: Iterable[str] | None = None) -> None:
         _check_weights(s3, "evaluate.inception_weights", cfg.evaluate.inception_weights, "file")
     if "evaluate" in stages or ("generate" in stages and cfg.generate.quality.min_clip_score is not None):
         _check_weights(s3, "evaluate.clip_weights", cfg.evaluate.clip_weights, "folder")
-    if "grid" in stages:
+    if "grid" in stages and cfg.run.task == "classify":
+        weights = cfg.grid.classifier.weights  # None: random init
+        if weights is not None and weights.startswith("s3://"):
+            s3.check_object("grid.classifier.weights", weights, hint="upload the weights there or fix the URI")
+        elif weights is not None and not Path(weights).expanduser().is_file():
+            raise UserError(f"grid.classifier.weights {weights!r}: file not found; t2id never downloads weights: copy "
+                            "the state dict there, or remove grid.classifier.weights to train from scratch")
+    elif "grid" in stages:
         _check_detector(s3, "grid.detector.model", cfg.grid.detector.model)
     if "label" in stages and label.method == "teacher":
         teacher = label.teacher.detector

@@ -300,7 +300,7 @@ def log_trial_result(log: UnitLog, output: dict[str, Any], epochs: int) -> None:
     # final/<class>/<metric>, not final/<metric>/<class>: a file store keeps a metric as a file, so one
     # name cannot also be another's folder.
     per_class = {f"final/{c}/{m}": v.get(m) for c, v in output.get("per_class", {}).items()
-                 for m in ("map50_95", "map50")}
+                 for m in (("map50_95", "map50") if "map50_95" in v else ("recall", "f1", "auc"))}  # detect / classify
     log.log({**{f"final/{m}": v for m, v in overall.items()}, **per_class,
              "final/train_seconds": output.get("seconds")}, step=epochs)
 

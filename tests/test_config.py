@@ -15,7 +15,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["demo", "t2id-cas"])
+@pytest.mark.parametrize("name", ["demo", "t2id-cas", "demo-classify"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO_CONFIGS / f"{name}.yaml")
     assert cfg.run.id

@@ -22,10 +22,26 @@ def phantom(
     seed: Annotated[int, typer.Option(min=0, help="Seed; same arguments give identical files.")] = _DEFAULT.seed,
     frames: Annotated[int, typer.Option(min=1, help="Cine-loop frames per subject.")] = _DEFAULT.frames_per_subject,
     size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = _DEFAULT.size,
+    task: Annotated[str, typer.Option(help="detect: YOLO boxes; classify: image-level scan planes (image folders).")
+                    ] = "detect",
 ) -> None:
-    """Write the phantom neck-ultrasound YOLO dataset (images/, labels/, data.yaml, subjects.csv)."""
+    """Write the phantom neck-ultrasound YOLO dataset (images/, labels/, data.yaml, subjects.csv), or with
+    --task classify its image-level variant (<plane>/*.png, classes.txt, subjects.csv)."""
     from t2id.data.config import PAPER_CLASSES
     from t2id.data.phantom import write_phantom
+
+    if task not in ("detect", "classify"):
+        raise typer.BadParameter(f"--task {task!r}: use detect or classify")
+    if task == "classify":
+        from collections import Counter
+
+        from t2id.classify.phantom import PLANE_NAMES, write_classify_phantom
+
+        root = write_classify_phantom(out, subjects=subjects, frames_per_subject=frames, size=size, seed=seed)
+        per_class = Counter(p.parent.name for p in root.glob("*/*.png"))
+        typer.echo(f"wrote {subjects * frames} images of {subjects} subjects to {root}")
+        typer.echo("images: " + ", ".join(f"{per_class[n]} {n}" for n in PLANE_NAMES))
+        return
 
     root = write_phantom(out, subjects=subjects, frames_per_subject=frames, size=size, seed=seed)
     counts = [0] * len(PAPER_CLASSES)
@@ -45,6 +61,10 @@ def check(
     max_pixels: Annotated[int | None, typer.Option(
         help="Largest image accepted, in pixels (default: data.max_pixels' default).")] = None,
     strict: Annotated[bool, typer.Option(help="Also fail on warnings (e.g. a class without instances).")] = False,
+    task: Annotated[str, typer.Option(help="detect: a YOLO dataset; classify: an image-folder or CSV dataset.")
+                    ] = "detect",
+    labels: Annotated[str | None, typer.Option(help="classify: CSV path,label[,subject] (default: class folders).")
+                      ] = None,
 ) -> None:
     """Validate a dataset without importing it: print (file: reason) per rejected file, and dataset-level
     findings (e.g. subjects unknown) the same way; every check runs; exit 1 if anything was found."""
@@ -63,11 +83,19 @@ def check(
         cfg = DataConfig(source=src, subject_map=subject_map, subject_regex=subject_regex, **fields)
     except ValidationError as exc:
         raise UserError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    if task not in ("detect", "classify"):
+        raise UserError(f"--task {task!r}: use detect or classify")
     with tempfile.TemporaryDirectory(prefix="t2id-check-") as cache:
-        root = resolve_source(cfg, Path(cache))
-        scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
-                            tolerance=cfg.box_tolerance, workers=cfg.workers, max_pixels=cfg.max_pixels,
-                            require_subjects=False)
+        root = resolve_source(cfg, Path(cache), task=task)
+        if task == "classify":
+            from t2id.classify.importer import scan_classification
+            scan = scan_classification(root, labels=labels, subject_map=cfg.subject_map,
+                                       subject_regex=cfg.subject_regex, workers=cfg.workers,
+                                       max_pixels=cfg.max_pixels, require_subjects=False)
+        else:
+            scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
+                                tolerance=cfg.box_tolerance, workers=cfg.workers, max_pixels=cfg.max_pixels,
+                                require_subjects=False)
     rows = {"boxes": [[{"class_id": c, "x": x, "y": y, "w": w, "h": h} for c, x, y, w, h in r.boxes]
                       for r in scan.images]}
     boxes_only = pa.table(rows, schema=pa.schema([IMAGE_SCHEMA.field("boxes")]))

@@ -43,6 +43,11 @@ class DataConfig(Section):
     subject_regex: str | None = Field(
         None, description="Regex with a named group 'subject' applied to the image file name."
     )
+    labels: str | None = Field(
+        None, description="run.task classify only: CSV with columns path,label[,subject] (header required; paths "
+                          "relative to the dataset root); default: the image folder layout <root>/<class name>/*. "
+                          "Looked up in the working directory, then in the dataset.",
+    )
     class_names: list[str] | None = Field(
         None, description="Class names; default: the dataset's data.yaml `names`."
     )

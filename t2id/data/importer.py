@@ -32,21 +32,28 @@ SYNC_STATE = ".t2id-sync.json"
 
 # --- phantom -----------------------------------------------------------------------------------
 
-def phantom_params(phantom_cfg) -> dict:
+def phantom_params(phantom_cfg, task: str = "detect") -> dict:
+    if task == "classify":  # the image-level variant (t2id.classify.phantom): its own version and cache folder
+        from t2id.classify.phantom import CLASSIFY_PHANTOM_VERSION
+        return {"version": CLASSIFY_PHANTOM_VERSION, "task": task, **phantom_cfg.model_dump(mode="json")}
     return {"version": PHANTOM_VERSION, **phantom_cfg.model_dump(mode="json")}
 
 
-def ensure_phantom(phantom_cfg, cache_dir: Path) -> Path:
+def ensure_phantom(phantom_cfg, cache_dir: Path, task: str = "detect") -> Path:
     """The phantom for these settings, generated once into the cache (complete or absent)."""
-    params = phantom_params(phantom_cfg)
+    params = phantom_params(phantom_cfg, task)
     folder = Path(cache_dir) / "phantom" / sha256_json(params)[:16]
     if (folder / "phantom.json").is_file():
         return folder
     tmp = folder.with_name(f"{TMP_PREFIX}{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if task == "classify":
+        from t2id.classify.phantom import write_classify_phantom as writer
+    else:
+        writer = write_phantom
     try:
-        write_phantom(tmp, subjects=phantom_cfg.subjects, frames_per_subject=phantom_cfg.frames_per_subject,
-                      size=phantom_cfg.size, seed=phantom_cfg.seed)
+        writer(tmp, subjects=phantom_cfg.subjects, frames_per_subject=phantom_cfg.frames_per_subject,
+               size=phantom_cfg.size, seed=phantom_cfg.seed)
     except BaseException:  # e.g. a full disk: no half-written folder left in the cache
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,11 +111,11 @@ def sync_s3(uri: str, cache_dir: Path, endpoint_url: str | None = None, workers:
 
 # --- source --------------------------------------------------------------------------------------
 
-def resolve_source(data_cfg, cache_dir: Path, endpoint_url: str | None = None) -> Path:
-    """A local folder holding the dataset named by data.source."""
+def resolve_source(data_cfg, cache_dir: Path, endpoint_url: str | None = None, task: str = "detect") -> Path:
+    """A local folder holding the dataset named by data.source (`task` picks the phantom's variant)."""
     source = data_cfg.source
     if source == "phantom":
-        return ensure_phantom(data_cfg.phantom, cache_dir)
+        return ensure_phantom(data_cfg.phantom, cache_dir, task)
     if source.startswith("s3://"):
         return sync_s3(source, cache_dir, endpoint_url, workers=data_cfg.workers)
     if "://" in source:
@@ -119,7 +126,7 @@ def resolve_source(data_cfg, cache_dir: Path, endpoint_url: str | None = None) -
     return path.resolve()
 
 
-def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, str]:
+def fingerprint_source(data_cfg, endpoint_url: str | None = None, task: str = "detect") -> dict[str, str]:
     """Cheap identity of the source for the runner's skip logic.
 
     Local: relative path, size and mtime of every file (a touched file re-imports; contents are
@@ -128,7 +135,7 @@ def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, s
     """
     source = data_cfg.source
     if source == "phantom":
-        return {"source": sha256_json(phantom_params(data_cfg.phantom))}
+        return {"source": sha256_json(phantom_params(data_cfg.phantom, task))}
     entries: list[tuple] = []
     if source.startswith("s3://"):
         _client, _bucket, folder, objects = _s3_objects(source, endpoint_url)
@@ -150,9 +157,11 @@ def fingerprint_source(data_cfg, endpoint_url: str | None = None) -> dict[str, s
             entries.append((rel, st.st_size, st.st_mtime_ns))
         entries.extend((display_path(os.path.relpath(path, root)), -1, reason) for path, reason in problems.items())
         entries.sort()
-    if data_cfg.subject_map and Path(data_cfg.subject_map).expanduser().is_file():
-        st = Path(data_cfg.subject_map).expanduser().stat()
-        entries.append(("subject_map", st.st_size, st.st_mtime_ns))
+    for field in ("subject_map", "labels"):  # files that may live outside the dataset folder
+        value = getattr(data_cfg, field, None)
+        if value and Path(value).expanduser().is_file():
+            st = Path(value).expanduser().stat()
+            entries.append((field, st.st_size, st.st_mtime_ns))
     return {"source": sha256_json(entries)}
 
 

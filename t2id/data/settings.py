@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 class DataSettings(StageSettings):
     data: DataConfig  # the data section, whole: source, phantom, subjects, class names, checks, workers
+    task: str = "detect"  # run.task: a YOLO dataset (detect) or an image-folder / CSV dataset (classify)
 
 
 def settings(cfg: T2IDConfig) -> DataSettings:
-    return DataSettings(data=cfg.data)
+    return DataSettings(data=cfg.data, task=cfg.run.task)

@@ -29,12 +29,18 @@ def rejection_report(rejected, limit: int = 20) -> str:
 def run(ctx: StageContext, s: DataSettings) -> StageResult:
     cfg = s.data
     store = ctx.store
-    root = resolve_source(cfg, ctx.cache_dir, ctx.endpoint_url)
+    root = resolve_source(cfg, ctx.cache_dir, ctx.endpoint_url, s.task)
 
     with ctx.events.progress("checking files", total=None) as advance:
-        scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
-                            class_names=cfg.class_names, tolerance=cfg.box_tolerance, workers=cfg.workers,
-                            progress=advance, max_pixels=cfg.max_pixels)
+        if s.task == "classify":  # image-level labels: one whole-image box per image (t2id.classify.importer)
+            from t2id.classify.importer import scan_classification
+            scan = scan_classification(root, labels=cfg.labels, subject_map=cfg.subject_map,
+                                       subject_regex=cfg.subject_regex, class_names=cfg.class_names,
+                                       workers=cfg.workers, progress=advance, max_pixels=cfg.max_pixels)
+        else:
+            scan = scan_dataset(root, subject_map=cfg.subject_map, subject_regex=cfg.subject_regex,
+                                class_names=cfg.class_names, tolerance=cfg.box_tolerance, workers=cfg.workers,
+                                progress=advance, max_pixels=cfg.max_pixels)
     for warning in scan.warnings:
         ctx.events.warning(warning)
     if converted := [r for r in scan.images if r.conversion]:
@@ -82,7 +88,7 @@ def run(ctx: StageContext, s: DataSettings) -> StageResult:
 
 def external_inputs(ctx: StageContext, s: DataSettings) -> dict[str, str]:
     """The source dataset's content (file listing with sizes and mtimes, or S3 ETags): not config."""
-    return fingerprint_source(s.data, ctx.endpoint_url)
+    return fingerprint_source(s.data, ctx.endpoint_url, s.task)
 
 
 STAGE = Stage(name="data", settings=settings, depends_on=(), run=run, external_inputs=external_inputs)

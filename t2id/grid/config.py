@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from t2id.classify.config import ClassifierConfig
 from t2id.configbase import Section
 from t2id.detect.config import PRESETS, BudgetConfig, DetectorConfig, StrategySpec
 
@@ -12,6 +13,8 @@ PAPER_STRATEGIES = ["baseline", "mosaic_mixup", "rfs", "cas", "baseline_sdxl", "
 
 class GridConfig(Section):
     detector: DetectorConfig = Field(DetectorConfig(), description="Detector training settings shared by all trials.")
+    classifier: ClassifierConfig = Field(
+        ClassifierConfig(), description="Classifier training settings shared by all trials (run.task: classify).")
     strategies: list[str] = Field(
         default_factory=lambda: [*PAPER_STRATEGIES, "class_weights"],
         description="Strategies to train per fold, in report column order: preset names (the paper's seven "

@@ -69,8 +69,14 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
     classes = load_classes(store)
     folds = select_folds(store, s.grid.folds, "grid.folds")
     trials, skipped = [], []
+    classify = s.task == "classify"
+    if classify:
+        from t2id.classify.trial import synthetic_status as classify_synthetic_status
     for fold in folds:
-        syn_key, n_syn, reason = synthetic_status(store, s, fold)
+        if classify:
+            syn_key, n_syn, reason = classify_synthetic_status(store, s.use_synthetic, fold)
+        else:
+            syn_key, n_syn, reason = synthetic_status(store, s, fold)
         for strategy in s.grid.strategies:
             spec = s.grid.strategy_spec(strategy)
             for seed in s.seeds:
@@ -79,8 +85,9 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
                                                 s.grid.budget.unit))
                     continue
                 # A trial's published result is reused only while everything it was trained from is unchanged.
-                identity = {"fold": fold, "strategy": spec.model_dump(mode="json"),
-                            "detector": s.grid.detector.model_dump(mode="json"), "seed": seed,
+                model = ({"classifier": s.grid.classifier.model_dump(mode="json")} if classify else
+                         {"detector": s.grid.detector.model_dump(mode="json")})
+                identity = {"fold": fold, "strategy": spec.model_dump(mode="json"), **model, "seed": seed,
                             "budget": s.grid.budget.model_dump(mode="json"), "selection": "final",
                             "inputs": inputs, "synthetic": store.sha256(syn_key) if spec.synthetic else None}
                 trials.append({"name": layout.grid.trial_name(fold, strategy, seed), "fold": fold,
@@ -111,6 +118,25 @@ def detect_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir
     if trial["seed"] == s.seeds[0]:
         store.write_file(layout.grid.weights(trial["fold"], trial["strategy"]), result.weights)
     return result.record
+
+
+def classify_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir: str) -> dict[str, Any]:
+    """The grid's trial function for run.task classify: one classifier training (t2id.classify.trial)."""
+    from t2id.classify.trial import classify_on_store, kept_synthetic
+    from t2id.data.manifest import load_classes
+    from t2id.devices import resolve_device
+
+    synthetic = kept_synthetic(store.read_table(trial["synthetic_key"])) if trial.get("synthetic_key") else None
+    device = resolve_device("cuda" if s.grid.gpus_per_trial > 0 else "cpu", "grid.gpus_per_trial")
+    return classify_on_store(store, trial["fold"], s.grid.strategy_spec(trial["strategy"]), s.grid.classifier,
+                             load_classes(store), Path(cache_dir), trial["seed"], synthetic=synthetic,
+                             device=str(device), budget=s.grid.budget)
+
+
+def task_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir: str) -> dict[str, Any]:
+    """The grid stage's default trial: a detector or a classifier training, by run.task."""
+    fn = classify_trial if s.task == "classify" else detect_trial
+    return fn(trial, s, store, cache_dir)
 
 
 # 3. Tables --------------------------------------------------------------------------------------
@@ -149,8 +175,11 @@ def pr_rows(trial: dict[str, Any], output: dict[str, Any]) -> list[dict]:
 
 
 def tables(trials: list[dict[str, Any]], results: dict[str, dict[str, Any]], skipped: list[dict],
-           strategies: list[str], classes: list[str]) -> tuple[pa.Table, pa.Table]:
+           strategies: list[str], classes: list[str], task: str = "detect") -> tuple[pa.Table, pa.Table]:
     """(trials table, PR curves table): one row per (fold, strategy, seed, class), config order."""
+    if task == "classify":
+        from t2id.classify.results import trials_table
+        return trials_table(trials, results, skipped, strategies, classes), pa.Table.from_pylist([], schema=PR_SCHEMA)
     rows, curves = [], []
     for trial in trials:
         output = results[trial["name"]]

@@ -66,7 +66,8 @@ def grid_trainable(config: dict[str, Any], trial_fn: TrialFn, settings: GridSett
     def train() -> list[str]:
         with trial_run(tracking, store, trial, settings) as log, current(log):  # MLflow run per trial (t2id.tracking)
             output = trial_fn(trial, settings, store, cache_dir)
-            log_trial_result(log, output, settings.grid.detector.epochs)
+            model = settings.grid.classifier if settings.task == "classify" else settings.grid.detector
+            log_trial_result(log, output, model.epochs)
         store.write_text(key, json.dumps(output, sort_keys=True))
         return [key]
 

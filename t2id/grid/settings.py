@@ -21,6 +21,8 @@ class GridSettings(StageSettings):
     grid: GridConfig
     run_seed: int | None  # run.seed, only when grid.seed and grid.seeds are unset (the detector training seed)
     use_synthetic: bool  # label in run.stages: the *_sdxl strategies train on label/fold=<k>/labels.parquet
+    #                      (classify: generate in run.stages, they train on generate/fold=<k>/manifest.parquet)
+    task: str = "detect"  # run.task: detector trials (grid.detector) or classifier trials (grid.classifier)
 
     @model_validator(mode="after")
     def _one_seed(self) -> GridSettings:
@@ -39,5 +41,6 @@ class GridSettings(StageSettings):
 
 def settings(cfg: T2IDConfig) -> GridSettings:
     own = cfg.grid.seed is not None or cfg.grid.seeds is not None
+    synthetic_stage = "generate" if cfg.run.task == "classify" else "label"
     return GridSettings(grid=cfg.grid, run_seed=None if own else cfg.run.seed,
-                        use_synthetic="label" in cfg.run.stages)
+                        use_synthetic=synthetic_stage in cfg.run.stages, task=cfg.run.task)

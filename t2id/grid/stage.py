@@ -18,7 +18,7 @@ from pathlib import Path
 
 from t2id import layout
 from t2id.errors import UserError
-from t2id.grid.core import detect_trial, plan_trials, tables
+from t2id.grid.core import plan_trials, tables, task_trial
 from t2id.grid.ray_layer import TrialFn, raise_on_errors, run_trials
 from t2id.grid.settings import GridSettings, settings
 from t2id.runner import Stage, StageContext, StageResult, outputs_digest
@@ -48,7 +48,7 @@ def run_grid(ctx: StageContext, s: GridSettings, trial_fn: TrialFn) -> StageResu
                                  tracking=ctx.tracking)
         raise_on_errors(outcome, s.grid.max_retries)
         results, reused = outcome.results, outcome.reused
-    trials_table, curves_table = tables(trials, results, skipped, list(s.grid.strategies), classes)
+    trials_table, curves_table = tables(trials, results, skipped, list(s.grid.strategies), classes, s.task)
     outputs = {
         layout.grid.trials: ctx.store.write_table(layout.grid.trials, trials_table),
         layout.grid.pr_curves: ctx.store.write_table(layout.grid.pr_curves, curves_table),
@@ -71,8 +71,9 @@ def _check_resources(cpus: float, gpus: float) -> None:
                         "set grid.gpus_per_trial: 0 for CPU training")
 
 
-def build_stage(trial_fn: TrialFn = detect_trial) -> Stage[GridSettings]:
-    """The grid stage with `trial_fn` as each trial's work (default: a real detector training)."""
+def build_stage(trial_fn: TrialFn = task_trial) -> Stage[GridSettings]:
+    """The grid stage with `trial_fn` as each trial's work (default: a real detector or classifier training,
+    by run.task)."""
     def run(ctx: StageContext, s: GridSettings) -> StageResult:
         return run_grid(ctx, s, trial_fn)
 

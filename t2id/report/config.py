@@ -11,8 +11,9 @@ from t2id.configbase import Section
 
 class ReportConfig(Section):
     title: str = Field("T2ID-CAS report", description="Report title.")
-    metric: Literal["map50_95", "map50", "precision", "recall"] = Field(
-        "map50_95", description="Metric of the Table II layout (paper: mAP50-95)."
+    metric: Literal["map50_95", "map50", "precision", "recall", "f1", "auc"] = Field(
+        "map50_95", description="Metric of the Table II layout and the tests (paper: mAP50-95). run.task classify: "
+                                "recall, f1, auc or precision per class; a detection metric there means recall.",
     )
     baseline: str = Field("baseline", description="Strategy every other strategy is compared with (paired by fold).")
     alpha: float = Field(

@@ -26,6 +26,16 @@ class DetectorSummary(StageSettings):
     batch: int
 
 
+class ClassifierSummary(StageSettings):
+    """The classifier as the report describes it (grid.classifier; run.task classify)."""
+
+    model: str
+    weights: str | None
+    imgsz: int
+    epochs: int
+    batch: int
+
+
 class ReportSettings(StageSettings):
     report: ReportConfig
     run_id: str  # run.id
@@ -36,6 +46,8 @@ class ReportSettings(StageSettings):
     detector: DetectorSummary  # grid.detector
     label_method: str | None  # label.method when label in run.stages: how synthetic images got their boxes
     memorization_threshold: float | None  # label.memorization.threshold when label in run.stages
+    task: str = "detect"  # run.task: the detection report, or the classification report (t2id.classify.report)
+    classifier: ClassifierSummary | None = None  # grid.classifier, only when run.task is classify
 
     @model_validator(mode="after")
     def _one_seed(self) -> ReportSettings:
@@ -60,4 +72,8 @@ def settings(cfg: T2IDConfig) -> ReportSettings:
                                  batch=detector.batch),
         label_method=cfg.label.method if label else None,
         memorization_threshold=cfg.label.memorization.threshold if label else None,
+        task=cfg.run.task,
+        classifier=ClassifierSummary(**cfg.grid.classifier.model_dump(include={"model", "weights", "imgsz", "epochs",
+                                                                                "batch"}))
+        if cfg.run.task == "classify" else None,
     )

@@ -21,7 +21,11 @@ TABLE_II_CSV = "table_ii.csv"  # t2id.report.build names Table II's block after 
 def run(ctx: StageContext, s: ReportSettings) -> StageResult:
     store, title = ctx.store, s.report.title
     start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before the report is built
-    blocks, csvs = build_report(store, s)
+    if s.task == "classify":
+        from t2id.classify.report import build_classify_report
+        blocks, csvs = build_classify_report(store, s)
+    else:
+        blocks, csvs = build_report(store, s)
     for block in blocks:  # the headline numbers on the console too: a strategy per row, means only
         if isinstance(block, Table) and block.csv_name == TABLE_II_CSV:
             frame = block.frame  # index: classes; columns: strategies; cells "mean ± std"
@@ -38,7 +42,11 @@ def run(ctx: StageContext, s: ReportSettings) -> StageResult:
         outputs[key] = store.write_text(key, frame.to_csv(index=False))
     outputs[layout.report.report_md] = store.write_text(layout.report.report_md, to_markdown(title, blocks))
     outputs[layout.report.index_html] = store.write_text(layout.report.index_html, to_html(title, blocks))
-    log_report(ctx.tracking, store, csvs["table_ii_stats.csv"], s.report.metric, sorted(outputs))  # MLflow run "report"
+    metric = s.report.metric
+    if s.task == "classify":
+        from t2id.classify.report import lead_metric
+        metric = lead_metric(s)
+    log_report(ctx.tracking, store, csvs["table_ii_stats.csv"], metric, sorted(outputs))  # MLflow run "report"
     summary: dict[str, Any] = {"index_html": store.uri(layout.report.index_html),
                                "figures": sum(isinstance(b, Figure) for b in blocks), "tables": len(csvs)}
     return StageResult(outputs=outputs, summary=summary)

@@ -1,0 +1,1 @@
+"""The classification track (run.task: classify): image-level labels through the same pipeline."""

@@ -137,7 +137,7 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
     """Steps 1-5 of the module docstring for one fold; idempotent and resumable."""
     events = events or LogEvents()
     g = s.generate
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if s.use_adapter else ""
+    lora_sha256 = store.sha256(s.generator_key(fold)) if s.use_adapter else ""
     params = gen_params(s, lora_sha256)
     n = g.images_per_class
     budget = math.ceil(g.max_attempts_factor * n)
@@ -203,6 +203,7 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
                    ) -> pa.Table:
     """One SYNTHETIC_SCHEMA row per plan row, in plan order; boxes are filled by the label stage."""
     g = s.generate
+    tokens, prior = method_provenance(store, s, fold)
     rows = []
     for row in plan:
         rec = records[row["key"]]
@@ -231,5 +232,19 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
             "kept": rec["kept"],
             "reject_reason": rec["reject_reason"] or None,
             "label_source": None,
+            "method": s.method,
+            "tokens": tokens.get(row["class_name"]),
+            "prior_images": prior,
         })
     return pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
+
+
+def method_provenance(store: Store, s: GenerateSettings, fold: int) -> tuple[dict[str, str], dict | None]:
+    """(class -> the tokens its prompts carry, the class-prior set {count, digest}) of the fold's generator,
+    from the lora stage's train_ids.json (t2id.lora.stage); ({}, None) for plain LoRA or the base model."""
+    if s.method == "lora" or not s.use_adapter:
+        return {}, None
+    record = json.loads(store.read_text(layout.lora.train_ids(fold)))
+    tokens = {name: str(t) for name, t in (record.get("tokens") or {}).items() if t is not None}
+    prior = record.get("prior")
+    return tokens, None if prior is None else {"count": prior["count"], "digest": prior["digest"]}

@@ -175,7 +175,7 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
     if int(g.steps * s.label.inpaint.strength) < 1:  # the pipeline denoises only the last strength x steps
         raise UserError(f"label.inpaint.strength={s.label.inpaint.strength} x steps={g.steps} leaves no denoising "
                         "step; raise label.inpaint.steps or label.inpaint.strength")
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    lora_sha256 = store.sha256(gen.generator_key(fold)) if gen.use_adapter else ""
     plan = plan_inpaint(store, s, fold, classes, lora_sha256, ranges, round_)
     records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold))), need_clip=False)
     reused = len(records)

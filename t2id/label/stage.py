@@ -133,8 +133,8 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classe
     store, gen = ctx.store, s.inpainting
     if gen.use_adapter:
         for fold in folds:
-            if not store.exists(layout.lora.adapter(fold)):
-                raise UserError(f"{store.uri(layout.lora.adapter(fold))} is missing: run the lora stage for fold "
+            if not store.exists(gen.generator_key(fold)):
+                raise UserError(f"{store.uri(gen.generator_key(fold))} is missing: run the lora stage for fold "
                                 f"{fold} (`t2id run CONFIG --only lora`) or leave it out of label.folds")
     else:
         ctx.events.info(f"label: lora is not in run.stages; inpainting with the base model {gen.base_model!r} alone")
@@ -174,7 +174,7 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     store, gen = ctx.store, s.topup
     assert gen is not None  # settings() sets it when the teacher tops up
     g = gen.generate
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    lora_sha256 = store.sha256(gen.generator_key(fold)) if gen.use_adapter else ""
     params = gen_params(gen, lora_sha256)
     by_name = {c.name: c for c in classes}
     plan = []
@@ -249,7 +249,7 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
 def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> StageResult:
     """The stage with `pool`: the warm inpainting actors (inpaint method), None for the teacher."""
     from t2id.generate.core import remove_stale
-    from t2id.generate.plan import plan_classes
+    from t2id.generate.plan import method_classes
     from t2id.label.inpaint import remove_stale_inpaint
     from t2id.label.memorization import histogram_png, load_grey, score_rows
 
@@ -258,7 +258,7 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
     names = load_classes(store)
     teacher = lab.method == "teacher"
     gen = s.topup if teacher else s.inpainting
-    classes = plan_classes(gen.target_classes, names) if gen is not None else []
+    classes = method_classes(gen, names) if gen is not None else []
     labelled = teacher_labels(ctx, s, folds) if teacher else inpaint_labels(ctx, s, folds, classes, pool)
     target = s.target_per_class
     budget = math.ceil(lab.max_attempts_factor * target)

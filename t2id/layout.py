@@ -182,6 +182,10 @@ class _Label:
     def teacher_weights(self, fold: int) -> str:
         return f"{self.teacher(fold)}/best.pt"
 
+    def layout_fidelity(self, fold: int) -> str:
+        """lora.method layout_lora: per class, requested boxes and those the real-data teacher found (IoU >= 0.5)."""
+        return f"{self.fold(fold)}/layout_fidelity.json"
+
     def inpaint(self, fold: int) -> str:
         """Inpainted images and records live here, laid out like generate's (images/, records/)."""
         return f"{self.fold(fold)}/inpaint"

@@ -14,6 +14,7 @@ from test_lora_train import make_examples
 from test_stage_settings import BASE, changed_by_settings, with_values
 
 from t2id import layout
+from t2id.data.manifest import load_classes
 from t2id.generate.config import GenerateConfig
 from t2id.generate.settings import GenerateSettings
 from t2id.lora.config import LoraConfig
@@ -67,7 +68,7 @@ def generate_settings(cfg: LoraConfig) -> GenerateSettings:
                        quality={"min_std": 0, "min_entropy": 0}, contact_sheet_images=1, contact_sheet_thumb=16)
     return GenerateSettings(generate=g, target_classes=cfg.target_classes, base_model="tiny", allow_network=False,
                             run_seed=0, use_adapter=True, folds=[0], clip_weights=None, method=cfg.method,
-                            dreambooth=cfg.dreambooth, textual_inversion=cfg.textual_inversion)
+                            dreambooth=cfg.dreambooth, textual_inversion=cfg.textual_inversion, layout=cfg.layout)
 
 
 TARGETS = [{"name": "tracheal ring", "prompts": ["ultrasound scan of the tracheal ring"]},
@@ -151,7 +152,8 @@ def test_textual_inversion_trains_only_the_new_embeddings(tmp_path):
 
 
 def test_textual_inversion_stage_and_generation(ray_local, tmp_path):
-    from t2id.generate.stage import run as run_generate
+    from t2id.generate.core import LocalExecutor, generate_fold
+    from t2id.generate.plan import method_classes
     from t2id.generate.worker import ImageGenerator
     from t2id.lora.stage import run as run_lora
 
@@ -165,16 +167,80 @@ def test_textual_inversion_stage_and_generation(ray_local, tmp_path):
     tokens = json.loads(store.read_text(layout.lora.tokens(0)))["tokens"]
     assert tokens == {"tracheal ring": ["<tracheal-ring>"], "vocal fold": ["<vocal-fold>"]}
 
+    # Generation in-process (the Ray pool is the DreamBooth test's): one worker, the stage's fold core.
     s = generate_settings(cfg)
-    run_generate(stage_ctx(store, tmp_path, "generate"), s)
+    worker = ImageGenerator(s, store, None, str(tmp_path / "cache"), torch_threads=1)
+    generate_fold(store, s, 0, method_classes(s, load_classes(store)), LocalExecutor(worker, 2))
     manifest = store.read_table(layout.generate.manifest(0)).to_pylist()
     assert {(r["tokens"], r["method"]) for r in manifest} == {("<tracheal-ring>", "textual_inversion"),
                                                               ("<vocal-fold>", "textual_inversion")}
     assert all(r["tokens"] in r["prompt"] and r["prior_images"] is None for r in manifest)
     assert {r["lora_sha256"] for r in manifest} == {store.sha256(layout.lora.embeddings(0))}
     # The worker loaded the learnt rows into BOTH text encoders through diffusers' textual-inversion loader.
-    worker = ImageGenerator(s, store, 0, str(tmp_path / "cache"), torch_threads=1)
     for key, tokenizer, encoder in (("clip_l", worker.pipe.tokenizer, worker.pipe.text_encoder),
                                     ("clip_g", worker.pipe.tokenizer_2, worker.pipe.text_encoder_2)):
         ids = tokenizer.convert_tokens_to_ids(["<tracheal-ring>", "<vocal-fold>"])
         torch.testing.assert_close(encoder.get_input_embeddings().weight[ids].detach(), rows[key])
+
+
+def test_location_tokens_and_fidelity_matching():
+    from t2id.lora.location import from_bins, layout_prompt, matched_boxes, snap, to_bins
+
+    box = {"class_id": 2, "x": 0.5, "y": 0.25, "w": 0.5, "h": 0.25}
+    assert to_bins(box, 16) == (4, 2, 11, 5)
+    assert from_bins(2, (4, 2, 11, 5), 16) == box  # bins' outer edges
+    assert snap([from_bins(2, (4, 2, 11, 5), 16)], 16) == [box]  # snapping is idempotent
+    assert layout_prompt("scan of the tracheal ring", "tracheal ring", [box], 16) == \
+        "scan of the tracheal ring, tracheal ring at 4 2 11 5"
+    shifted = {**box, "x": 0.55}  # IoU 0.82
+    far = {**box, "x": 0.9}  # IoU 0.05
+    assert matched_boxes([box], [shifted]) == 1
+    assert matched_boxes([box], [far]) == 0
+    assert matched_boxes([box], [{**shifted, "class_id": 5}]) == 0  # another class does not count
+    assert matched_boxes([box, shifted], [shifted]) == 1  # a detection matches one requested box
+
+
+def test_layout_lora_boxes_by_construction(ray_local, tmp_path):
+    """layout_lora: training prompts state each image's boxes; text-encoder LoRA is on; every generated
+    image asks for one real layout of its class and its manifest row carries those boxes (label_source
+    layout); the label stage's teacher keeps them and only measures whether it finds them."""
+    from t2id.generate.core import LocalExecutor, generate_fold
+    from t2id.generate.plan import method_classes
+    from t2id.generate.worker import ImageGenerator
+    from t2id.label.stage import layout_fidelity
+    from t2id.label.teacher import Teacher, label_with_teacher
+    from t2id.lora.location import snap
+    from t2id.lora.stage import run as run_lora
+
+    store = _run_with_one_fold(tmp_path)
+    cfg = LoraConfig(**TINY, method="layout_lora", target_classes=TARGETS)
+    assert cfg.train_text_encoder and cfg.layout.bins == 16
+    run_lora(stage_ctx(store, tmp_path, "lora"), LoraSettings(lora=cfg, run_seed=3))
+    record = json.loads(store.read_text(layout.lora.train_ids(0)))
+    assert all(e["prompt"].endswith(f"{e['class']} at 6 6 9 9") for e in record["examples"])  # box .5 .5 .2 .2
+    adapter = load_file(store.uri(layout.lora.adapter(0)))
+    assert any(k.startswith("text_encoder_2.") for k in adapter)
+
+    s = generate_settings(cfg)
+    worker = ImageGenerator(s, store, None, str(tmp_path / "cache"), torch_threads=1)
+    names = load_classes(store)
+    generate_fold(store, s, 0, method_classes(s, names), LocalExecutor(worker, 2))
+    rows = store.read_table(layout.generate.manifest(0)).to_pylist()
+    real_box = {"x": .5, "y": .5, "w": .2, "h": .2}  # every real box of the fixture
+    for row in rows:
+        assert row["label_source"] == "layout" and row["method"] == "layout_lora"
+        assert row["boxes"] == row["requested_boxes"] == snap([{"class_id": row["class_id"], **real_box}], 16)
+        assert row["prompt"].endswith(row["tokens"]) and row["tokens"].endswith("at 6 6 9 9")
+
+    # A real (untrained) YOLO as the teacher: it finds nothing, yet the layout rows keep their boxes.
+    from ultralytics import YOLO
+
+    weights = tmp_path / "teacher.pt"
+    YOLO("yolov8n.yaml").save(str(weights))
+    labelled = label_with_teacher(store, rows, Teacher(weights, 64), names, 0.25, True)
+    for row in labelled:
+        assert row["kept"] and row["boxes"] == row["requested_boxes"] and row["label_source"] == "layout"
+        assert row["layout_matched"] == 0
+    fidelity = layout_fidelity([{**labelled[0], "layout_matched": 1}, *labelled[1:]], names)
+    assert [(f["class"], f["requested"], f["matched"], f["fidelity"]) for f in fidelity] == \
+        [("tracheal ring", 1, 1, 1.0), ("vocal fold", 1, 0, 0.0)]

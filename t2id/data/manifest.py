@@ -58,6 +58,7 @@ SYNTHETIC_SCHEMA = pa.schema(IMAGE_FIELDS + [
     pa.field("tokens", pa.string()),  # what the method put in the prompt: identifier / learnt token; null for lora
     pa.field("prior_images", pa.struct([pa.field("count", pa.int32()), pa.field("digest", pa.string())])),
     #                                     dreambooth_lora: the class-prior set the adapter was trained with
+    pa.field("requested_boxes", pa.list_(BOX_TYPE)),  # layout_lora: the boxes the prompt asked for (= boxes)
 ])
 
 QUARANTINE_SCHEMA = pa.schema([

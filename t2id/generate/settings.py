@@ -15,7 +15,7 @@ from t2id.configbase import StageSettings
 from t2id.generate.config import GenerateConfig
 from t2id import layout
 from t2id.lora.config import TargetClass
-from t2id.lora.methods import DreamBoothConfig, Method, TextualInversionConfig
+from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 
 if TYPE_CHECKING:
     from t2id.config import T2IDConfig
@@ -33,12 +33,23 @@ class GenerateSettings(StageSettings):
     method: Method = "lora"  # lora.method when lora runs (the base model alone draws like 'lora')
     dreambooth: DreamBoothConfig | None = None  # lora.dreambooth, only with method dreambooth_lora (identifier)
     textual_inversion: TextualInversionConfig | None = None  # lora.textual_inversion, only with that method
+    layout: LayoutConfig | None = None  # lora.layout, only with method layout_lora (requested boxes in prompts)
 
     @model_validator(mode="after")
     def _clip_weights_with_the_clip_gate(self) -> GenerateSettings:
         if (self.clip_weights is not None) != (self.generate.quality.min_clip_score is not None):
             raise ValueError("clip_weights names the CLIP weights of the CLIP gate: set it exactly when "
                              "generate.quality.min_clip_score is set")
+        return self
+
+    @model_validator(mode="after")
+    def _the_method_section_with_its_method(self) -> GenerateSettings:
+        from t2id.lora.config import METHOD_SECTIONS
+
+        for method, section in METHOD_SECTIONS.items():
+            if (getattr(self, section) is not None) != (self.method == method):
+                raise ValueError(f"{section} holds the settings of method {method}: set it exactly when "
+                                 f"method is {method} (method is {self.method!r})")
         return self
 
     def generator_key(self, fold: int) -> str:
@@ -62,4 +73,5 @@ def settings(cfg: T2IDConfig) -> GenerateSettings:
                             allow_network=cfg.lora.allow_network, run_seed=cfg.run.seed, use_adapter=use_adapter,
                             folds=folds, clip_weights=cfg.evaluate.clip_weights if clip_gate else None,
                             method=method, dreambooth=cfg.lora.dreambooth if use_adapter else None,
-                            textual_inversion=cfg.lora.textual_inversion if use_adapter else None)
+                            textual_inversion=cfg.lora.textual_inversion if use_adapter else None,
+                            layout=cfg.lora.layout if use_adapter else None)

@@ -77,6 +77,21 @@ def class_counts(rows: list[dict], names: list[str], target: int) -> list[dict]:
     return out
 
 
+def layout_fidelity(rows: list[dict], names: list[str]) -> list[dict]:
+    """layout_lora's layout fidelity per class: of the boxes its images asked for, the fraction the fold's
+    real-data teacher detected as that class with IoU >= lora.layout.fidelity_iou (t2id.label.teacher)."""
+    out = []
+    scored = [r for r in rows if r.get("label_source") == "layout" and r.get("layout_matched") is not None]
+    for class_id in sorted({int(r["class_id"]) for r in scored}):
+        mine = [r for r in scored if r["class_id"] == class_id]
+        requested = sum(len(r["requested_boxes"] or []) for r in mine)
+        matched = sum(int(r["layout_matched"]) for r in mine)
+        out.append({"class_id": class_id, "class": names[class_id] if 0 <= class_id < len(names) else str(class_id),
+                    "images": len(mine), "requested": requested, "matched": matched,
+                    "fidelity": round(matched / requested, 4) if requested else None})
+    return out
+
+
 def label_folds(store: Store, s: LabelSettings) -> list[int]:
     """label.folds, else every fold (teacher: every fold generate produced)."""
     folds = select_folds(store, s.label.folds, "label.folds")
@@ -289,6 +304,10 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
                                   partial(inpaint_topup, ctx, s, classes, pool), score)
             removed = remove_stale_inpaint(store, fold, rows)
         counts = class_counts(rows, names, target)
+        fidelity = layout_fidelity(rows, names)
+        if fidelity:
+            outputs[layout.label.layout_fidelity(fold)] = store.write_text(
+                layout.label.layout_fidelity(fold), json.dumps({"fold": fold, "classes": fidelity}, indent=1))
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)
@@ -310,6 +329,8 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
                               "topped_up": sum(1 for r in rows if r["round"] > 0), "removed_stale": removed,
                               "classes": {c["class"]: {k: v for k, v in c.items() if k not in ("class", "class_id")}
                                           for c in counts}, **facts}
+        if fidelity:
+            summary[str(fold)]["layout_fidelity"] = {c["class"]: c["fidelity"] for c in fidelity}
         short = {c["class"]: c["shortfall"] for c in counts if c["shortfall"]}
         ctx.events.info(f"label fold {fold} ({lab.method}): {used}/{len(rows)} images kept with boxes"
                         f"{f' after {rounds} top-up round(s)' if rounds else ''}; rejected {reasons or 'none'}"

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from t2id.configbase import Section
-from t2id.lora.methods import DreamBoothConfig, Method, TextualInversionConfig
+from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 
 
 class TargetClass(Section):
@@ -21,7 +21,8 @@ class TargetClass(Section):
 
 
 # lora.method -> its settings sub-section (t2id.lora.methods): only the chosen method's is filled.
-METHOD_SECTIONS = {"dreambooth_lora": "dreambooth", "textual_inversion": "textual_inversion"}
+METHOD_SECTIONS = {"dreambooth_lora": "dreambooth", "textual_inversion": "textual_inversion",
+                   "layout_lora": "layout"}
 
 
 class LoraConfig(Section):
@@ -29,13 +30,17 @@ class LoraConfig(Section):
         "lora",
         description="Fine-tune recipe, per fold on its TRAIN images: 'lora' (the paper's), 'dreambooth_lora' "
         "(identifier token + class-prior loss; lora.dreambooth), 'textual_inversion' (one learnt token per "
-        "class in both text encoders, base model frozen; lora.textual_inversion). See docs/generators.md.",
+        "class in both text encoders, base model frozen; lora.textual_inversion), 'layout_lora' (boxes as "
+        "location tokens in the prompt, text-encoder LoRA on; lora.layout). See docs/generators.md.",
     )
     dreambooth: DreamBoothConfig | None = Field(
         None, description="Settings of method dreambooth_lora (defaults filled when it is chosen)."
     )
     textual_inversion: TextualInversionConfig | None = Field(
         None, description="Settings of method textual_inversion (defaults filled when it is chosen)."
+    )
+    layout: LayoutConfig | None = Field(
+        None, description="Settings of method layout_lora (defaults filled when it is chosen)."
     )
     base_model: str = Field(
         "tiny",
@@ -133,6 +138,8 @@ class LoraConfig(Section):
             section = METHOD_SECTIONS.get(data.get("method", "lora"))
             if section and data.get(section) is None:
                 data = {**data, section: {}}
+            if data.get("method") == "layout_lora" and "train_text_encoder" not in data:
+                data = {**data, "train_text_encoder": True}  # GeoDiffusion tunes the text encoder too
         return data
 
     @model_validator(mode="after")

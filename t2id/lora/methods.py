@@ -12,6 +12,10 @@
                      '<viral-pneumonia-ultrasound>' in "A <token> ultrasound image"): one new pseudo-word per
                      class, its embedding learnt in BOTH SDXL text encoders; UNet, VAE and every other
                      embedding stay frozen, no LoRA.
+  layout_lora        Layout-conditioned LoRA (GeoDiffusion, Chen et al. 2023, arXiv 2306.04607): each image's
+                     boxes of its class as location tokens in its prompt (t2id.lora.location), learnt by the
+                     same LoRA fine-tune with text-encoder LoRA; generation asks for boxes, and the image
+                     comes with them (no teacher).
 
 The prompt rule is shared by training (t2id.lora.stage) and generation (t2id.generate.plan), so the
 generator is always prompted the way it was trained: the class name in a class prompt is replaced by
@@ -28,8 +32,8 @@ from pydantic import Field, field_validator
 from t2id import layout
 from t2id.configbase import Section
 
-Method = Literal["lora", "dreambooth_lora", "textual_inversion"]
-METHODS: tuple[str, ...] = ("lora", "dreambooth_lora", "textual_inversion")
+Method = Literal["lora", "dreambooth_lora", "textual_inversion", "layout_lora"]
+METHODS: tuple[str, ...] = ("lora", "dreambooth_lora", "textual_inversion", "layout_lora")
 
 # Where the class-prior images' seeds come from: a namespace of their own (t2id.generate.plan.plan_rows),
 # so they never repeat an image the generate stage draws from the same base model.
@@ -94,6 +98,24 @@ class TextualInversionConfig(Section):
             raise ValueError(f"lora.textual_inversion.token {value!r} must hold '{{slug}}' (one token per "
                              "class) and no spaces, e.g. '<{slug}>'")
         return value
+
+
+class LayoutConfig(Section):
+    """lora.layout: boxes as location tokens in the prompt (GeoDiffusion, arXiv 2306.04607, Sec. 3.1)."""
+
+    bins: int = Field(
+        16, ge=2, le=100,
+        description="Location bins per image side: a box corner is written as its bin index (GeoDiffusion's "
+        "discretized location tokens; coarser than theirs, so 4 boxes fit CLIP's 77 tokens).",
+    )
+    max_boxes: int = Field(
+        4, ge=1, le=8, description="Boxes of the prompted class per prompt (the largest); CLIP reads 77 tokens."
+    )
+    fidelity_iou: float = Field(
+        0.5, gt=0, le=1,
+        description="Layout fidelity: a requested box counts as drawn when the real-data teacher detects its "
+        "class with IoU >= this (the detection-metric convention of mAP50).",
+    )
 
 
 def class_phrase(method: str, class_name: str, dreambooth: DreamBoothConfig | None,

@@ -28,7 +28,7 @@ from t2id.errors import UserError
 from t2id.events import Advance
 from t2id.lora.config import LoraConfig
 from t2id.lora.data import Example, select_examples
-from t2id.lora.methods import method_prompt, method_tokens
+from t2id.lora.methods import LayoutConfig, method_prompt, method_tokens
 from t2id.lora.settings import LoraSettings, settings
 from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
@@ -69,8 +69,24 @@ def method_targets(cfg: LoraConfig) -> list[tuple[str, list[str]]]:
 def identity_section(cfg: LoraConfig) -> dict:
     """The lora section as a fold's identity: less `folds` (which only says which folds to train) and, for
     the default method, less the method keys, so adapters trained before lora.method existed stay valid."""
-    exclude = {"folds"} | ({"method", "dreambooth", "textual_inversion"} if cfg.method == "lora" else set())
+    exclude = {"folds"} | ({"method", "dreambooth", "textual_inversion", "layout"} if cfg.method == "lora" else set())
     return cfg.model_dump(mode="json", exclude=exclude)
+
+
+def with_layout(store: Store, fold: int, class_names: list[str], examples: list[Example],
+                layout_cfg: LayoutConfig) -> list[Example]:
+    """layout_lora's training prompts: the class prompt followed by the image's boxes of that class as
+    GeoDiffusion-style location tokens."""
+    from dataclasses import replace
+
+    from t2id.lora.location import class_boxes, layout_prompt
+
+    boxes_of = {r["image_id"]: r["boxes"] or [] for r in load_fold_rows(store, fold, "train").to_pylist()}
+    out = []
+    for e in examples:
+        boxes = class_boxes(boxes_of[e.image_id], class_names.index(e.class_name), layout_cfg.max_boxes)
+        out.append(replace(e, prompt=layout_prompt(e.prompt, e.class_name, boxes, layout_cfg.bins)))
+    return out
 
 
 def fold_memo(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples: list[Example]) -> Memo:
@@ -143,6 +159,9 @@ def run(ctx: StageContext, s: LoraSettings) -> StageResult:
     summary: dict[str, object] = {"folds": {}}
     folds = select_folds(store, s.lora.folds, "lora.folds")
     examples_of = {fold: fold_examples(store, fold, class_names, targets) for fold in folds}
+    if s.lora.layout is not None:  # layout_lora: each image's prompt also states its boxes (t2id.lora.location)
+        examples_of = {fold: with_layout(store, fold, class_names, examples, s.lora.layout)
+                       for fold, examples in examples_of.items()}
     steps = {fold: fold_steps(s, len(examples)) for fold, examples in examples_of.items()}
     total = None if None in steps.values() else sum(steps.values())
     with ctx.events.progress("lora: optimizer steps, all folds", total) as advance:

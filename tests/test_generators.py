@@ -75,6 +75,7 @@ TARGETS = [{"name": "tracheal ring", "prompts": ["ultrasound scan of the trachea
            {"name": "vocal fold", "prompts": ["ultrasound scan of the vocal fold"]}]
 
 
+@pytest.mark.slow
 def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
     from t2id.generate.stage import run as run_generate
     from t2id.lora.stage import run as run_lora
@@ -151,6 +152,7 @@ def test_textual_inversion_trains_only_the_new_embeddings(tmp_path):
             assert torch.equal(after[key], value), key
 
 
+@pytest.mark.slow
 def test_textual_inversion_stage_and_generation(ray_local, tmp_path):
     from t2id.generate.core import LocalExecutor, generate_fold
     from t2id.generate.plan import method_classes
@@ -200,6 +202,7 @@ def test_location_tokens_and_fidelity_matching():
     assert matched_boxes([box, shifted], [shifted]) == 1  # a detection matches one requested box
 
 
+@pytest.mark.slow
 def test_layout_lora_boxes_by_construction(ray_local, tmp_path):
     """layout_lora: training prompts state each image's boxes; text-encoder LoRA is on; every generated
     image asks for one real layout of its class and its manifest row carries those boxes (label_source

@@ -1,6 +1,7 @@
-"""lora.method: DreamBooth-LoRA with prior preservation and textual inversion on the tiny SDXL, through
-the real lora stage (Ray Train, 1 worker), the real prior-image generation (Ray actors) and the real
-generate stage; the recipe's prompts, tokens and prior set end up in the manifest's provenance."""
+"""lora.method: DreamBooth-LoRA with prior preservation, textual inversion and layout LoRA on the tiny SDXL,
+through the real lora stage (Ray Train, 1 worker), the real prior-image generation (Ray actors) and the
+generate stage's fold core with its worker in-process (the Ray pool itself is tests/test_generate_ray.py's);
+each recipe's prompts, tokens, prior set or requested boxes end up in the manifest's provenance."""
 
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def test_method_prompts_follow_each_paper():
 
 def test_method_config_and_settings():
     assert LoraConfig().dreambooth is None and LoraConfig(method="dreambooth_lora").dreambooth == DreamBoothConfig()
+    assigned = LoraConfig()
+    assigned.method = "textual_inversion"  # an assignment fills the section too, as a validated section
+    assert assigned.textual_inversion == TextualInversionConfig()
+    assert LoraConfig(method="layout_lora").train_text_encoder  # GeoDiffusion tunes the text encoder
     with pytest.raises(ValueError, match="lora.dreambooth is set but lora.method is 'lora'"):
         LoraConfig(dreambooth={"identifier": "zwx"})
     with pytest.raises(ValueError, match="one word"):
@@ -77,7 +82,9 @@ TARGETS = [{"name": "tracheal ring", "prompts": ["ultrasound scan of the trachea
 
 @pytest.mark.slow
 def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
-    from t2id.generate.stage import run as run_generate
+    from t2id.generate.core import LocalExecutor, generate_fold
+    from t2id.generate.plan import method_classes
+    from t2id.generate.worker import ImageGenerator
     from t2id.lora.stage import run as run_lora
 
     store = _run_with_one_fold(tmp_path)
@@ -103,8 +110,11 @@ def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
         assert row["prior_loss"] > 0 and row["instance_loss"] > 0
         assert row["loss"] == pytest.approx(row["instance_loss"] + 0.5 * row["prior_loss"], rel=1e-5)
 
-    # Generation prompts with the identifier and records the recipe, its token and the prior set.
-    run_generate(stage_ctx(store, tmp_path, "generate"), generate_settings(cfg))
+    # Generation (in-process: one worker, the stage's fold core) prompts with the identifier and records the
+    # recipe, its token and the prior set.
+    s = generate_settings(cfg)
+    worker = ImageGenerator(s, store, None, str(tmp_path / "cache"), torch_threads=1)
+    generate_fold(store, s, 0, method_classes(s, load_classes(store)), LocalExecutor(worker, 2))
     rows = store.read_table(layout.generate.manifest(0)).to_pylist()
     assert len(rows) == 2
     for row in rows:
@@ -210,7 +220,8 @@ def test_layout_lora_boxes_by_construction(ray_local, tmp_path):
     from t2id.generate.core import LocalExecutor, generate_fold
     from t2id.generate.plan import method_classes
     from t2id.generate.worker import ImageGenerator
-    from t2id.label.stage import layout_fidelity
+    from t2id.label.stage import layout_fidelity, write_layout_fidelity
+    from t2id.report.build import layout_fidelity as report_layout_fidelity
     from t2id.label.teacher import Teacher, label_with_teacher
     from t2id.lora.location import snap
     from t2id.lora.stage import run as run_lora
@@ -247,3 +258,8 @@ def test_layout_lora_boxes_by_construction(ray_local, tmp_path):
     fidelity = layout_fidelity([{**labelled[0], "layout_matched": 1}, *labelled[1:]], names)
     assert [(f["class"], f["requested"], f["matched"], f["fidelity"]) for f in fidelity] == \
         [("tracheal ring", 1, 1, 1.0), ("vocal fold", 1, 0, 0.0)]
+    # What the label stage writes is what the report's layout-fidelity table shows (fold x class).
+    write_layout_fidelity(store, 0, fidelity)
+    table = report_layout_fidelity(store)
+    assert table[["fold", "class", "requested_boxes", "matched", "layout_fidelity"]].values.tolist() == \
+        [[0, "tracheal ring", 1, 1, 1.0], [0, "vocal fold", 1, 0, 0.0]]

@@ -92,6 +92,12 @@ def layout_fidelity(rows: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
+def write_layout_fidelity(store: Store, fold: int, fidelity: list[dict]) -> str:
+    """`layout.label.layout_fidelity(fold)`: {"fold", "classes": layout_fidelity rows}; returns its sha256."""
+    return store.write_text(layout.label.layout_fidelity(fold), json.dumps({"fold": fold, "classes": fidelity},
+                                                                           indent=1))
+
+
 def label_folds(store: Store, s: LabelSettings) -> list[int]:
     """label.folds, else every fold (teacher: every fold generate produced)."""
     folds = select_folds(store, s.label.folds, "label.folds")
@@ -306,8 +312,8 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
         counts = class_counts(rows, names, target)
         fidelity = layout_fidelity(rows, names)
         if fidelity:
-            outputs[layout.label.layout_fidelity(fold)] = store.write_text(
-                layout.label.layout_fidelity(fold), json.dumps({"fold": fold, "classes": fidelity}, indent=1))
+            key = layout.label.layout_fidelity(fold)
+            outputs[key] = write_layout_fidelity(store, fold, fidelity)
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)

@@ -23,6 +23,7 @@ class TargetClass(Section):
 # lora.method -> its settings sub-section (t2id.lora.methods): only the chosen method's is filled.
 METHOD_SECTIONS = {"dreambooth_lora": "dreambooth", "textual_inversion": "textual_inversion",
                    "layout_lora": "layout"}
+SECTION_TYPES = {"dreambooth": DreamBoothConfig, "textual_inversion": TextualInversionConfig, "layout": LayoutConfig}
 
 
 class LoraConfig(Section):
@@ -136,8 +137,8 @@ class LoraConfig(Section):
         # settings hash (a settings dump holds the chosen recipe's values only).
         if isinstance(data, dict):
             section = METHOD_SECTIONS.get(data.get("method", "lora"))
-            if section and data.get(section) is None:
-                data = {**data, section: {}}
+            if section and data.get(section) is None:  # an instance, not {}: assignments skip field validation
+                data = {**data, section: SECTION_TYPES[section]()}
             if data.get("method") == "layout_lora" and "train_text_encoder" not in data:
                 data = {**data, "train_text_encoder": True}  # GeoDiffusion tunes the text encoder too
         return data

@@ -88,7 +88,8 @@ def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
     from t2id.lora.stage import run as run_lora
 
     store = _run_with_one_fold(tmp_path)
-    cfg = LoraConfig(**TINY, method="dreambooth_lora", target_classes=TARGETS,
+    # 2 gloo workers: DDP with the prior half in the same UNet forward (a second forward would break DDP).
+    cfg = LoraConfig(**{**TINY, "num_workers": 2}, method="dreambooth_lora", target_classes=TARGETS,
                      dreambooth={"prior_images_per_class": 2, "prior_steps": 2, "prior_loss_weight": 0.5})
     result = run_lora(stage_ctx(store, tmp_path, "lora"), LoraSettings(lora=cfg, run_seed=3))
 
@@ -104,6 +105,8 @@ def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
     assert prior["digest"] == prior_digest([(p["key"], store.sha256(p["key"])) for p in prior["images"]])
     assert all(p["key"] in result.outputs for p in prior["images"])  # published with the adapter
     # Both loss terms were computed every step: loss = instance + lambda x prior (Ruiz et al. eq. 2).
+    ranks = [json.loads(store.read_text(layout.lora.rank(0, r))) for r in (0, 1)]
+    assert ranks[0]["lora_digest"] == ranks[1]["lora_digest"]  # DDP kept both replicas equal
     log = store.read_table(layout.lora.train_log(0)).to_pylist()
     assert len(log) == 2
     for row in log:

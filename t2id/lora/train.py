@@ -255,6 +255,44 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, prompt_embeds: 
     return per_image.mean()
 
 
+def instance_and_prior_losses(unet, noise_scheduler, instance: dict[str, torch.Tensor], prior: dict[str, torch.Tensor],
+                              gen: torch.Generator, prior_gen: torch.Generator, noise_offset: float = 0.0,
+                              min_snr_gamma: float | None = None,
+                              autocast: contextlib.AbstractContextManager | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DreamBooth's two noise-prediction losses (Ruiz et al. 2023, eq. 2) from ONE UNet forward over the
+    instance and prior halves concatenated, as diffusers' train_dreambooth_lora does: under DDP a second
+    forward before backward would mark every LoRA parameter ready twice. Each half draws its noise and
+    timesteps from its own generator, in diffusion_loss's order. `instance`/`prior`: latents,
+    prompt_embeds, pooled_embeds, time_ids."""
+    device = instance["latents"].device
+    halves = []
+    for part, g in ((instance, gen), (prior, prior_gen)):
+        latents = part["latents"]
+        noise = draw_noise(latents.cpu(), g, noise_offset).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=g).to(device)
+        halves.append((latents, noise, timesteps))
+    latents = torch.cat([h[0] for h in halves])
+    noise = torch.cat([h[1] for h in halves])
+    timesteps = torch.cat([h[2] for h in halves])
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    with autocast or contextlib.nullcontext():
+        pred = unet(noisy, timesteps, torch.cat([instance["prompt_embeds"], prior["prompt_embeds"]]),
+                    added_cond_kwargs={"text_embeds": torch.cat([instance["pooled_embeds"], prior["pooled_embeds"]]),
+                                       "time_ids": torch.cat([instance["time_ids"], prior["time_ids"]])},
+                    return_dict=False)[0]
+    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_image = per_pixel.mean(dim=list(range(1, per_pixel.ndim)))
+    if min_snr_gamma is not None:
+        per_image = per_image * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
+                                                prediction_type)
+    n = instance["latents"].shape[0]
+    return per_image[:n].mean(), per_image[n:].mean()
+
+
 def gather_batch(cache: LatentCache, indices: list[int], gen: torch.Generator, hflip: bool,
                  device: torch.device | str) -> dict[str, torch.Tensor]:
     """Batch tensors for the given examples: a posterior sample of one orientation each, with the
@@ -465,22 +503,24 @@ def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule:
         sync = contextlib.nullcontext() if last or not hasattr(state.unet, "no_sync") else state.unet.no_sync()
         with sync:
             prompt_embeds, pooled_embeds = text_embeddings(state, cache, batch)
-            loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], prompt_embeds,
-                                  pooled_embeds, batch["time_ids"], gen, cfg.noise_offset,
-                                  cfg.min_snr_gamma, state.autocast())
-            if state.prior_cache is not None:
+            if state.prior_cache is None:
+                loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], prompt_embeds,
+                                      pooled_embeds, batch["time_ids"], gen, cfg.noise_offset,
+                                      cfg.min_snr_gamma, state.autocast())
+            else:
                 # DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): the same noise-prediction loss
-                # on class images the base model drew, weighted by lambda; draws from their own generator,
-                # so the instance half draws what it would without a prior.
+                # on class images the base model drew, weighted by lambda; the prior half draws from a
+                # generator of its own.
                 prior_gen = step_generator(seed, rank, state.step, 1_000_000 + i)
                 prior = prior_batch(state, indices, prior_gen, cfg.hflip)
-                prior_embeds, prior_pooled = text_embeddings(state, state.prior_cache, prior)
-                prior_loss = diffusion_loss(state.unet, state.noise_scheduler, prior["latents"], prior_embeds,
-                                            prior_pooled, prior["time_ids"], prior_gen, cfg.noise_offset,
-                                            cfg.min_snr_gamma, state.autocast())
-                instance_losses.append(loss.detach().float().item())
+                prior["prompt_embeds"], prior["pooled_embeds"] = text_embeddings(state, state.prior_cache, prior)
+                instance = {**batch, "prompt_embeds": prompt_embeds, "pooled_embeds": pooled_embeds}
+                instance_loss, prior_loss = instance_and_prior_losses(
+                    state.unet, state.noise_scheduler, instance, prior, gen, prior_gen, cfg.noise_offset,
+                    cfg.min_snr_gamma, state.autocast())
+                instance_losses.append(instance_loss.detach().float().item())
                 prior_losses.append(prior_loss.detach().float().item())
-                loss = loss + state.prior_loss_weight * prior_loss
+                loss = instance_loss + state.prior_loss_weight * prior_loss
             scaled = loss / len(micro_batches)
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         losses.append(loss.detach().float().item())

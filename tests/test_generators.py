@@ -88,7 +88,7 @@ def test_dreambooth_lora_with_prior_preservation(ray_local, tmp_path):
     from t2id.lora.stage import run as run_lora
 
     store = _run_with_one_fold(tmp_path)
-    # 2 gloo workers: DDP with the prior half in the same UNet forward (a second forward would break DDP).
+    # 2 gloo workers: real DDP over the instance + prior loss (both halves in one UNet forward).
     cfg = LoraConfig(**{**TINY, "num_workers": 2}, method="dreambooth_lora", target_classes=TARGETS,
                      dreambooth={"prior_images_per_class": 2, "prior_steps": 2, "prior_loss_weight": 0.5})
     result = run_lora(stage_ctx(store, tmp_path, "lora"), LoraSettings(lora=cfg, run_seed=3))

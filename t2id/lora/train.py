@@ -261,10 +261,10 @@ def instance_and_prior_losses(unet, noise_scheduler, instance: dict[str, torch.T
                               autocast: contextlib.AbstractContextManager | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """DreamBooth's two noise-prediction losses (Ruiz et al. 2023, eq. 2) from ONE UNet forward over the
-    instance and prior halves concatenated, as diffusers' train_dreambooth_lora does: under DDP a second
-    forward before backward would mark every LoRA parameter ready twice. Each half draws its noise and
-    timesteps from its own generator, in diffusion_loss's order. `instance`/`prior`: latents,
-    prompt_embeds, pooled_embeds, time_ids."""
+    instance and prior halves concatenated, as diffusers' train_dreambooth_lora does (one pass over the
+    weights, one DDP forward per backward). Each half draws its noise and timesteps from its own
+    generator, in diffusion_loss's order. `instance`/`prior`: latents, prompt_embeds, pooled_embeds,
+    time_ids."""
     device = instance["latents"].device
     halves = []
     for part, g in ((instance, gen), (prior, prior_gen)):

@@ -43,7 +43,8 @@ def test_method_prompts_follow_each_paper():
         "High-resolution ultrasound scan of the human sks tracheal ring"  # "a [V] [class noun]"
     assert method_prompt(prompt, "tracheal ring", "textual_inversion", textual_inversion=ti) == \
         "High-resolution ultrasound scan of the human <tracheal-ring>"
-    assert method_prompt("an ultrasound scan", "vocal fold", "dreambooth_lora", db) == "an ultrasound scan, sks vocal fold"
+    assert method_prompt("an ultrasound scan", "vocal fold", "dreambooth_lora", db) == \
+        "an ultrasound scan, sks vocal fold"
     assert expand_prompt("a <x> scan", {"x": ["<x>", "<x>_1"]}) == "a <x> <x>_1 scan"
 
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import model_validator
 
+from t2id import layout
 from t2id.configbase import StageSettings
 from t2id.generate.config import GenerateConfig
-from t2id import layout
 from t2id.lora.config import TargetClass
 from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 

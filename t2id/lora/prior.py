@@ -82,7 +82,8 @@ def prior_digest(pairs: list[tuple[str, str]]) -> str:
 
 
 def prior_provenance(rows: list[dict], records: dict[str, dict]) -> dict:
+    """train_ids.json's `prior`: count, digest, and each image's key, record, class, prompt, seed."""
     pairs = [(r["key"], records[r["key"]]["sha256"]) for r in rows]
     return {"count": len(rows), "digest": prior_digest(pairs),
-            "images": [{"key": r["key"], "record": r["record_key"], "class": r["class_name"], "prompt": r["prompt"], "seed": r["seed"],
-                        "sha256": records[r["key"]]["sha256"]} for r in rows]}
+            "images": [{"key": r["key"], "record": r["record_key"], "class": r["class_name"], "prompt": r["prompt"],
+                        "seed": r["seed"], "sha256": records[r["key"]]["sha256"]} for r in rows]}

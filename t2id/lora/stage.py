@@ -62,8 +62,8 @@ def fold_examples(store: Store, fold: int, class_names: list[str],
 
 def method_targets(cfg: LoraConfig) -> list[tuple[str, list[str]]]:
     """(class, prompts as the chosen method trains them) of every target class (t2id.lora.methods)."""
-    return [(t.name, [method_prompt(p, t.name, cfg.method, cfg.dreambooth, cfg.textual_inversion) for p in t.prompts])
-            for t in cfg.target_classes]
+    return [(t.name, [method_prompt(p, t.name, cfg.method, cfg.dreambooth, cfg.textual_inversion)
+                      for p in t.prompts]) for t in cfg.target_classes]
 
 
 def identity_section(cfg: LoraConfig) -> dict:
@@ -118,7 +118,6 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
     prior_examples, prior = None, None
     if cfg.method == "dreambooth_lora":  # the base model draws the class priors first (on Ray actors)
         from t2id.lora.prior import make_prior_images
-        from t2id.raycluster import ensure_ray
 
         ensure_ray(ctx.cluster)
         prior_examples, prior = make_prior_images(store, cfg, fold, seed, str(Path(ctx.cache_dir).expanduser()),

@@ -108,6 +108,35 @@ class _Lora:
     def validation(self, fold: int, epoch: int, class_name: str, index: int) -> str:
         return f"{self.validation_epoch(fold, epoch)}/{slug(class_name)}-{index}.png"
 
+    def embeddings(self, fold: int) -> str:
+        """lora.method textual_inversion: the learnt token embeddings, diffusers' SDXL format (keys clip_l for
+        text_encoder, clip_g for text_encoder_2; rows = the tokens of tokens.json, in order)."""
+        return f"{self.fold(fold)}/learned_embeds.safetensors"
+
+    def tokens(self, fold: int) -> str:
+        """lora.method textual_inversion: {"tokens": {class: [token, token_1, ...]}} of the embeddings' rows."""
+        return f"{self.fold(fold)}/tokens.json"
+
+    def prior(self, fold: int) -> str:
+        """lora.method dreambooth_lora: the class-prior images drawn by the base model, laid out like generate's
+        (images/, records/, plan.parquet)."""
+        return f"{self.fold(fold)}/prior"
+
+    def prior_plan(self, fold: int) -> str:
+        return f"{self.prior(fold)}/plan.parquet"
+
+    def prior_images(self, fold: int) -> str:
+        return f"{self.prior(fold)}/images"
+
+    def prior_records(self, fold: int) -> str:
+        return f"{self.prior(fold)}/records"
+
+    def prior_image(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.prior_images(fold)}/{slug(class_name)}/{name}.png"
+
+    def prior_record(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.prior_records(fold)}/{slug(class_name)}/{name}.json"
+
     def ray_run(self, run_name: str) -> str:
         """Ray Train's folder of one training run (its checkpoints and checkpoint-manager snapshot)."""
         return f"{self.ray_storage}/{run_name}"
@@ -156,6 +185,10 @@ class _Label:
 
     def teacher_weights(self, fold: int) -> str:
         return f"{self.teacher(fold)}/best.pt"
+
+    def layout_fidelity(self, fold: int) -> str:
+        """lora.method layout_lora: per class, requested boxes and those the real-data teacher found (IoU >= 0.5)."""
+        return f"{self.fold(fold)}/layout_fidelity.json"
 
     def inpaint(self, fold: int) -> str:
         """Inpainted images and records live here, laid out like generate's (images/, records/)."""

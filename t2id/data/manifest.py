@@ -53,6 +53,12 @@ SYNTHETIC_SCHEMA = pa.schema(IMAGE_FIELDS + [
     pa.field("kept", pa.bool_()),
     pa.field("reject_reason", pa.string()),  # null when kept
     pa.field("label_source", pa.string()),  # how boxes were obtained (teacher, inpaint, ...)
+    # The generator's recipe (lora.method, t2id.lora.methods); null in manifests written before it existed.
+    pa.field("method", pa.string()),  # lora | dreambooth_lora | textual_inversion
+    pa.field("tokens", pa.string()),  # what the method put in the prompt: identifier / learnt token; null for lora
+    pa.field("prior_images", pa.struct([pa.field("count", pa.int32()), pa.field("digest", pa.string())])),
+    #                                     dreambooth_lora: the class-prior set the adapter was trained with
+    pa.field("requested_boxes", pa.list_(BOX_TYPE)),  # layout_lora: the boxes the prompt asked for (= boxes)
 ])
 
 QUARANTINE_SCHEMA = pa.schema([

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from t2id import layout
-from t2id.data.manifest import SYNTHETIC_SCHEMA, image_id_of
+from t2id.data.manifest import SYNTHETIC_SCHEMA, image_id_of, load_fold_rows
 from t2id.events import Events, LogEvents
-from t2id.generate.plan import PlanClass, gen_params, initial_plan, plan_rows, to_table
+from t2id.generate.plan import PlanClass, gen_params, initial_plan, params_digest, plan_rows, to_table
 from t2id.generate.quality import judge
 from t2id.generate.settings import GenerateSettings
 from t2id.store import Store
@@ -137,7 +137,7 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
     """Steps 1-5 of the module docstring for one fold; idempotent and resumable."""
     events = events or LogEvents()
     g = s.generate
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if s.use_adapter else ""
+    lora_sha256 = store.sha256(s.generator_key(fold)) if s.use_adapter else ""
     params = gen_params(s, lora_sha256)
     n = g.images_per_class
     budget = math.ceil(g.max_attempts_factor * n)
@@ -147,7 +147,8 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
     def make_record(batch: dict[str, Any], i: int, row: dict) -> dict:
         return record_from_batch(batch, i, row, s.base_model, g.scheduler, lora_sha256)
 
-    plan = initial_plan(s.run_seed, fold, classes, params, n)
+    requested = fold_layouts(store, s, fold, classes)
+    plan = with_requested_boxes(initial_plan(s.run_seed, fold, classes, params, n), requested, s, params)
     outcome = FoldOutcome(plan=plan, records={})
     pending_round = plan
     round_ = 0
@@ -172,8 +173,9 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
             kept = sum(outcome.records[r["key"]]["kept"] for r in rows)
             add = min(n - kept, budget - len(rows))
             if add > 0:
-                pending_round += plan_rows(s.run_seed, fold, by_name[cls.name], params,
-                                           start=len(rows), count=add, round_=round_)
+                pending_round += with_requested_boxes(
+                    plan_rows(s.run_seed, fold, by_name[cls.name], params, start=len(rows), count=add, round_=round_),
+                    requested, s, params)
         plan.extend(pending_round)
 
     for cls in classes:
@@ -190,6 +192,35 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
     return outcome
 
 
+def fold_layouts(store: Store, s: GenerateSettings, fold: int, classes: list[PlanClass]) -> dict[int, list[list[dict]]]:
+    """layout_lora: per class id, the layouts (that class's boxes) of the fold's TRAIN images holding it,
+    which requested boxes are drawn from (t2id.lora.location); {} for the other methods."""
+    if s.layout is None:
+        return {}
+    from t2id.lora.location import class_boxes
+
+    rows = load_fold_rows(store, fold, "train").to_pylist()
+    return {c.class_id: [class_boxes(r["boxes"], c.class_id, s.layout.max_boxes) for r in rows
+                         if any(b["class_id"] == c.class_id for b in r["boxes"] or [])] for c in classes}
+
+
+def with_requested_boxes(rows: list[dict], layouts: dict[int, list[list[dict]]], s: GenerateSettings,
+                         params) -> list[dict]:
+    """layout_lora: each plan row asks for one real layout of its class (chosen by the row's seed), written
+    into its prompt as location tokens; the row keeps the boxes it asked for (`requested_boxes`)."""
+    if s.layout is None:
+        return rows
+    from t2id.lora.location import layout_prompt, sample_layout
+
+    out = []
+    for row in rows:
+        boxes = sample_layout(layouts.get(row["class_id"], []), row["seed"], s.layout.bins)
+        prompt = layout_prompt(row["prompt"], row["class_name"], boxes, s.layout.bins)
+        out.append({**row, "prompt": prompt, "params_digest": params_digest(prompt, row["seed"], params),
+                    "requested_boxes": boxes})
+    return out
+
+
 def remove_stale(store: Store, plan: list[dict], prefixes: list[str]) -> int:
     """Delete images/records under `prefixes` that the current plan does not name (an older config's)."""
     wanted = {r["key"] for r in plan} | {r["record_key"] for r in plan}
@@ -203,9 +234,11 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
                    ) -> pa.Table:
     """One SYNTHETIC_SCHEMA row per plan row, in plan order; boxes are filled by the label stage."""
     g = s.generate
+    tokens, prior = method_provenance(store, s, fold)
     rows = []
     for row in plan:
         rec = records[row["key"]]
+        requested = row.get("requested_boxes")  # layout_lora: the boxes the prompt asked for
         rows.append({
             "image_id": image_id_of(rec["sha256"]),
             "uri": store.ref(row["key"]),
@@ -213,7 +246,7 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
             "height": rec["height"],
             "group": f"synthetic-fold{fold}-{layout.slug(row['class_name'])}",
             "source": "synthetic",
-            "boxes": [],
+            "boxes": requested or [],
             "sha256": rec["sha256"],
             "fold": fold,
             "class_id": row["class_id"],
@@ -230,6 +263,29 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
             "clip_score": rec.get("clip_score"),
             "kept": rec["kept"],
             "reject_reason": rec["reject_reason"] or None,
-            "label_source": None,
+            "label_source": "layout" if requested is not None else None,
+            "method": s.method,
+            "tokens": location_tokens(row, s) if requested is not None else tokens.get(row["class_name"]),
+            "prior_images": prior,
+            "requested_boxes": requested,
         })
     return pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA)
+
+
+def location_tokens(row: dict, s: GenerateSettings) -> str:
+    """layout_lora: the location phrase the prompt carries (t2id.lora.location)."""
+    from t2id.lora.location import location_phrase
+
+    assert s.layout is not None
+    return location_phrase(row["class_name"], row["requested_boxes"], s.layout.bins)
+
+
+def method_provenance(store: Store, s: GenerateSettings, fold: int) -> tuple[dict[str, str], dict | None]:
+    """(class -> the tokens its prompts carry, the class-prior set {count, digest}) of the fold's generator,
+    from the lora stage's train_ids.json (t2id.lora.stage); ({}, None) for plain LoRA or the base model."""
+    if s.method == "lora" or not s.use_adapter:
+        return {}, None
+    record = json.loads(store.read_text(layout.lora.train_ids(fold)))
+    tokens = {name: str(t) for name, t in (record.get("tokens") or {}).items() if t is not None}
+    prior = record.get("prior")
+    return tokens, None if prior is None else {"count": prior["count"], "digest": prior["digest"]}

@@ -82,6 +82,16 @@ def plan_classes(targets: Sequence[TargetClass], names: Sequence[str]) -> list[P
     return [PlanClass(t.name, list(names).index(t.name), tuple(t.prompts)) for t in targets]
 
 
+def method_classes(s: GenerateSettings, names: Sequence[str]) -> list[PlanClass]:
+    """`plan_classes` with each prompt as the fold's generator was trained on it (lora.method: the
+    DreamBooth identifier or the learnt token in place of the class name; t2id.lora.methods)."""
+    from t2id.lora.methods import method_prompt
+
+    return [PlanClass(c.name, c.class_id, tuple(method_prompt(p, c.name, s.method, s.dreambooth,
+                                                              s.textual_inversion) for p in c.prompts))
+            for c in plan_classes(s.target_classes, names)]
+
+
 def derive_seed(run_seed: int, fold: int, class_name: str, index: int) -> int:
     """A 63-bit seed from sha256 of (run seed, fold, class, index): stable across processes and versions."""
     text = json.dumps([SEED_NAMESPACE, int(run_seed), int(fold), class_name, int(index)])

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import model_validator
 
+from t2id import layout
 from t2id.configbase import StageSettings
 from t2id.generate.config import GenerateConfig
 from t2id.lora.config import TargetClass
+from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 
 if TYPE_CHECKING:
     from t2id.config import T2IDConfig
@@ -28,6 +30,10 @@ class GenerateSettings(StageSettings):
     use_adapter: bool  # lora in run.stages: draw with lora/fold=<k>/ adapters, else with the base model alone
     folds: list[int] | None  # generate.folds, else lora.folds when lora runs (the folds that have an adapter)
     clip_weights: str | None  # evaluate.clip_weights, only when generate.quality.min_clip_score is set
+    method: Method = "lora"  # lora.method when lora runs (the base model alone draws like 'lora')
+    dreambooth: DreamBoothConfig | None = None  # lora.dreambooth, only with method dreambooth_lora (identifier)
+    textual_inversion: TextualInversionConfig | None = None  # lora.textual_inversion, only with that method
+    layout: LayoutConfig | None = None  # lora.layout, only with method layout_lora (requested boxes in prompts)
 
     @model_validator(mode="after")
     def _clip_weights_with_the_clip_gate(self) -> GenerateSettings:
@@ -35,6 +41,21 @@ class GenerateSettings(StageSettings):
             raise ValueError("clip_weights names the CLIP weights of the CLIP gate: set it exactly when "
                              "generate.quality.min_clip_score is set")
         return self
+
+    @model_validator(mode="after")
+    def _the_method_section_with_its_method(self) -> GenerateSettings:
+        from t2id.lora.config import METHOD_SECTIONS
+
+        for method, section in METHOD_SECTIONS.items():
+            if (getattr(self, section) is not None) != (self.method == method):
+                raise ValueError(f"{section} holds the settings of method {method}: set it exactly when "
+                                 f"method is {method} (method is {self.method!r})")
+        return self
+
+    def generator_key(self, fold: int) -> str:
+        """The lora stage's output that makes fold `fold`'s generator: its learnt embeddings for
+        textual_inversion, else its LoRA adapter (lora_sha256 in the manifest is this file's sha256)."""
+        return layout.lora.embeddings(fold) if self.method == "textual_inversion" else layout.lora.adapter(fold)
 
     @property
     def folds_field(self) -> str:
@@ -47,6 +68,10 @@ def settings(cfg: T2IDConfig) -> GenerateSettings:
     use_adapter = "lora" in cfg.run.stages
     folds = gen.folds if gen.folds is not None else (cfg.lora.folds if use_adapter else None)
     clip_gate = gen.quality.min_clip_score is not None
+    method = cfg.lora.method if use_adapter else "lora"
     return GenerateSettings(generate=gen, target_classes=cfg.lora.target_classes, base_model=cfg.lora.base_model,
                             allow_network=cfg.lora.allow_network, run_seed=cfg.run.seed, use_adapter=use_adapter,
-                            folds=folds, clip_weights=cfg.evaluate.clip_weights if clip_gate else None)
+                            folds=folds, clip_weights=cfg.evaluate.clip_weights if clip_gate else None,
+                            method=method, dreambooth=cfg.lora.dreambooth if use_adapter else None,
+                            textual_inversion=cfg.lora.textual_inversion if use_adapter else None,
+                            layout=cfg.lora.layout if use_adapter else None)

@@ -26,7 +26,7 @@ from t2id.data.manifest import load_classes, load_fold_rows, select_folds
 from t2id.errors import UserError
 from t2id.generate.contact_sheet import contact_sheet
 from t2id.generate.core import FoldOutcome, generate_fold
-from t2id.generate.plan import PlanClass, plan_classes
+from t2id.generate.plan import PlanClass, method_classes
 from t2id.generate.settings import GenerateSettings, settings
 from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
@@ -61,7 +61,7 @@ def fold_memo(ctx: StageContext, s: GenerateSettings, fold: int, classes: list[P
         "fold": fold,
         "settings": s.model_dump(mode="json", exclude={"folds": True, "generate": {"folds"}}),
         "classes": [[c.name, c.class_id] for c in classes],
-        "adapter": store.sha256(layout.lora.adapter(fold)) if s.use_adapter else None,
+        "adapter": store.sha256(s.generator_key(fold)) if s.use_adapter else None,
         # the contact sheets show the fold's real TRAIN images
         "inputs": {k: store.sha256(k) for k in (layout.data.manifest, layout.split.folds)},
     }
@@ -108,11 +108,11 @@ def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
 
 def run_folds(ctx: StageContext, s: GenerateSettings, pool: WarmPool) -> StageResult:
     store = ctx.store
-    classes = plan_classes(s.target_classes, load_classes(store))
+    classes = method_classes(s, load_classes(store))
     folds = select_folds(store, s.folds, s.folds_field)
     if s.use_adapter:
         for fold in folds:
-            key = layout.lora.adapter(fold)
+            key = s.generator_key(fold)
             if not store.exists(key):
                 raise UserError(f"{store.uri(key)} is missing: run the lora stage for fold {fold} "
                                 f"(`t2id run CONFIG --only lora`) or leave fold {fold} out of {s.folds_field}")

@@ -92,6 +92,8 @@ class ImageGenerator:
         self.gate = g.quality
         self.batched_pipeline = g.batched_pipeline
         self.use_adapter = s.use_adapter
+        self.method = s.method
+        self.settings = s
         self.cache = Path(cache_dir).expanduser()
         self.provenance = {"base_model": s.base_model, "lora_sha256": "", "scheduler": g.scheduler}
         self.pipe = load_sdxl_pipeline(s.base_model, self.cache, allow_network=s.allow_network,
@@ -126,6 +128,9 @@ class ImageGenerator:
         self.fold = fold
         if not self.use_adapter:
             return
+        if self.method == "textual_inversion":
+            self._use_embeddings(fold)
+            return
         adapter_key = layout.lora.adapter(fold)
         lora_sha256 = self.store.sha256(adapter_key)
         if self._base_weights:
@@ -151,6 +156,34 @@ class ImageGenerator:
         self._save_base_weights()
         self.pipe.fuse_lora()
         self.provenance["lora_sha256"] = lora_sha256
+        self.stats["adapter_loads"] += 1
+
+    def _use_embeddings(self, fold: int) -> None:
+        """lora.method textual_inversion: the fold's learnt pseudo-words in both text encoders. The first fold
+        goes through diffusers' `load_textual_inversion` (the file is its SDXL format: clip_l, clip_g); a later
+        fold has the same tokens, so only their embedding rows are overwritten."""
+        from safetensors.torch import load_file
+
+        from t2id.lora.textual_inversion import FILE_KEYS, class_rows
+
+        key = self.settings.generator_key(fold)
+        sha = self.store.sha256(key)
+        local_file = self.cache / "embeddings" / sha[:16] / "learned_embeds.safetensors"
+        if not local_file.exists():
+            self.store.read_file(key, local_file)
+        tokens = json.loads(self.store.read_text(layout.lora.tokens(fold)))["tokens"]
+        rows = class_rows(load_file(str(local_file)), tokens)
+        pairs = ((self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        for name, names in tokens.items():
+            for file_key, (tokenizer, encoder) in zip(FILE_KEYS, pairs):
+                vectors = rows[name][file_key]
+                if names[0] not in tokenizer.get_vocab():
+                    self.pipe.load_textual_inversion(vectors, token=names[0], tokenizer=tokenizer, text_encoder=encoder)
+                else:
+                    with torch.no_grad():
+                        weight = encoder.get_input_embeddings().weight
+                        weight[tokenizer.convert_tokens_to_ids(names)] = vectors.to(weight.device, weight.dtype)
+        self.provenance["lora_sha256"] = sha
         self.stats["adapter_loads"] += 1
 
     def _lora_components(self) -> dict[str, torch.nn.Module]:

@@ -175,7 +175,7 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
     if int(g.steps * s.label.inpaint.strength) < 1:  # the pipeline denoises only the last strength x steps
         raise UserError(f"label.inpaint.strength={s.label.inpaint.strength} x steps={g.steps} leaves no denoising "
                         "step; raise label.inpaint.steps or label.inpaint.strength")
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    lora_sha256 = store.sha256(gen.generator_key(fold)) if gen.use_adapter else ""
     plan = plan_inpaint(store, s, fold, classes, lora_sha256, ranges, round_)
     records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold))), need_clip=False)
     reused = len(records)
@@ -213,6 +213,7 @@ def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict
         "base_model": record["base_model"], "lora_sha256": record["lora_sha256"], "entropy": record["entropy"],
         "std": record["std"], "clip_score": None, "kept": verdict.kept,
         "reject_reason": verdict.reject_reason or None, "label_source": "inpaint",
+        "method": s.inpainting.method,  # the recipe of the fold's generator that inpainted (lora.method)
         "source_image_id": row["source_image_id"], "mask_rects": row["mask_rects"], "round": row["round"],
         "key": row["key"], "record_key": row["record_key"],
     })

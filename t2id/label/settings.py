@@ -38,6 +38,7 @@ class LabelSettings(StageSettings):
     #                                      (inpaint: inpainting.generate.images_per_class)
     topup: GenerateSettings | None = None  # generate's settings: the fold's generator makes the teacher's top-up
     #                                        images; teacher with label.max_attempts_factor > 1 only
+    fidelity_iou: float | None = None  # lora.layout.fidelity_iou: layout fidelity's match rule; layout_lora only
 
     @property
     def target_per_class(self) -> int:
@@ -84,4 +85,6 @@ def settings(cfg: T2IDConfig) -> LabelSettings:
                          teacher_detector=(lab.teacher.detector or cfg.grid.detector) if teacher else None,
                          inpainting=None if teacher else inpainting_settings(cfg, seed),
                          images_per_class=cfg.generate.images_per_class if teacher else None,
-                         topup=topup_settings(cfg) if topup else None)
+                         topup=topup_settings(cfg) if topup else None,
+                         fidelity_iou=cfg.lora.layout.fidelity_iou
+                         if cfg.lora.layout is not None and "lora" in cfg.run.stages else None)

@@ -77,6 +77,27 @@ def class_counts(rows: list[dict], names: list[str], target: int) -> list[dict]:
     return out
 
 
+def layout_fidelity(rows: list[dict], names: list[str]) -> list[dict]:
+    """layout_lora's layout fidelity per class: of the boxes its images asked for, the fraction the fold's
+    real-data teacher detected as that class with IoU >= lora.layout.fidelity_iou (t2id.label.teacher)."""
+    out = []
+    scored = [r for r in rows if r.get("label_source") == "layout" and r.get("layout_matched") is not None]
+    for class_id in sorted({int(r["class_id"]) for r in scored}):
+        mine = [r for r in scored if r["class_id"] == class_id]
+        requested = sum(len(r["requested_boxes"] or []) for r in mine)
+        matched = sum(int(r["layout_matched"]) for r in mine)
+        out.append({"class_id": class_id, "class": names[class_id] if 0 <= class_id < len(names) else str(class_id),
+                    "images": len(mine), "requested": requested, "matched": matched,
+                    "fidelity": round(matched / requested, 4) if requested else None})
+    return out
+
+
+def write_layout_fidelity(store: Store, fold: int, fidelity: list[dict]) -> str:
+    """`layout.label.layout_fidelity(fold)`: {"fold", "classes": layout_fidelity rows}; returns its sha256."""
+    return store.write_text(layout.label.layout_fidelity(fold), json.dumps({"fold": fold, "classes": fidelity},
+                                                                           indent=1))
+
+
 def label_folds(store: Store, s: LabelSettings) -> list[int]:
     """label.folds, else every fold (teacher: every fold generate produced)."""
     folds = select_folds(store, s.label.folds, "label.folds")
@@ -133,8 +154,8 @@ def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classe
     store, gen = ctx.store, s.inpainting
     if gen.use_adapter:
         for fold in folds:
-            if not store.exists(layout.lora.adapter(fold)):
-                raise UserError(f"{store.uri(layout.lora.adapter(fold))} is missing: run the lora stage for fold "
+            if not store.exists(gen.generator_key(fold)):
+                raise UserError(f"{store.uri(gen.generator_key(fold))} is missing: run the lora stage for fold "
                                 f"{fold} (`t2id run CONFIG --only lora`) or leave it out of label.folds")
     else:
         ctx.events.info(f"label: lora is not in run.stages; inpainting with the base model {gen.base_model!r} alone")
@@ -174,7 +195,7 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     store, gen = ctx.store, s.topup
     assert gen is not None  # settings() sets it when the teacher tops up
     g = gen.generate
-    lora_sha256 = store.sha256(layout.lora.adapter(fold)) if gen.use_adapter else ""
+    lora_sha256 = store.sha256(gen.generator_key(fold)) if gen.use_adapter else ""
     params = gen_params(gen, lora_sha256)
     by_name = {c.name: c for c in classes}
     plan = []
@@ -249,7 +270,7 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
 def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> StageResult:
     """The stage with `pool`: the warm inpainting actors (inpaint method), None for the teacher."""
     from t2id.generate.core import remove_stale
-    from t2id.generate.plan import plan_classes
+    from t2id.generate.plan import method_classes
     from t2id.label.inpaint import remove_stale_inpaint
     from t2id.label.memorization import histogram_png, load_grey, score_rows
 
@@ -258,7 +279,7 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
     names = load_classes(store)
     teacher = lab.method == "teacher"
     gen = s.topup if teacher else s.inpainting
-    classes = plan_classes(gen.target_classes, names) if gen is not None else []
+    classes = method_classes(gen, names) if gen is not None else []
     labelled = teacher_labels(ctx, s, folds) if teacher else inpaint_labels(ctx, s, folds, classes, pool)
     target = s.target_per_class
     budget = math.ceil(lab.max_attempts_factor * target)
@@ -289,6 +310,10 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
                                   partial(inpaint_topup, ctx, s, classes, pool), score)
             removed = remove_stale_inpaint(store, fold, rows)
         counts = class_counts(rows, names, target)
+        fidelity = layout_fidelity(rows, names)
+        if fidelity:
+            key = layout.label.layout_fidelity(fold)
+            outputs[key] = write_layout_fidelity(store, fold, fidelity)
         table = pa.Table.from_pylist([{n: r.get(n) for n in LABELS_SCHEMA.names} for r in rows], schema=LABELS_SCHEMA)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), CLASS_COUNTS_KEY: json.dumps(counts)})
         key = layout.label.labels(fold)
@@ -310,6 +335,8 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
                               "topped_up": sum(1 for r in rows if r["round"] > 0), "removed_stale": removed,
                               "classes": {c["class"]: {k: v for k, v in c.items() if k not in ("class", "class_id")}
                                           for c in counts}, **facts}
+        if fidelity:
+            summary[str(fold)]["layout_fidelity"] = {c["class"]: c["fidelity"] for c in fidelity}
         short = {c["class"]: c["shortfall"] for c in counts if c["shortfall"]}
         ctx.events.info(f"label fold {fold} ({lab.method}): {used}/{len(rows)} images kept with boxes"
                         f"{f' after {rounds} top-up round(s)' if rounds else ''}; rejected {reasons or 'none'}"

@@ -10,6 +10,9 @@
   2. Predict boxes on every kept synthetic image (ultralytics `YOLO(weights).predict`, offline).
   3. Keep boxes with confidence >= label.min_confidence; class-consistency gate: the class the
      image was prompted for must be among them, else the image is rejected with that reason.
+     Rows of lora.method layout_lora (label_source 'layout') keep the boxes they were asked for: the
+     teacher's detections only measure layout fidelity (`layout_matched`: requested boxes a detection
+     of their class covers with IoU >= lora.layout.fidelity_iou), never replace or gate them.
 Plain functions: `label_fold` runs steps 1-3 wherever it is called; the stage calls it inside a Ray
 task with the teacher's resources (t2id.label.ray_layer), never on the driver.
 """
@@ -166,22 +169,37 @@ class Teacher:
 
 
 def label_with_teacher(store: Store, rows: list[dict], teacher: Teacher, names: list[str], min_confidence: float,
-                       class_consistency: bool) -> list[dict]:
+                       class_consistency: bool, fidelity_iou: float = 0.5) -> list[dict]:
     """Steps 2-3 on generate's manifest rows: boxes, confidence, kept and reason per row.
 
     Rows the quality gate already rejected keep their reason and get no boxes (nothing is predicted).
+    Layout rows keep their requested boxes and get `layout_matched` (module doc, step 3).
     """
     todo = [i for i, r in enumerate(rows) if r.get("kept") is not False]
     images = [Image.open(io.BytesIO(store.read_bytes(store.key_of(rows[i]["uri"])))) for i in todo]
     preds = teacher.predict(images) if images else []
     out = [{**r, "boxes": [], "confidence": None, "label_source": None} for r in rows]
     for i, pred in zip(todo, preds):
+        if rows[i].get("label_source") == "layout":
+            out[i] = {**rows[i], "confidence": None,
+                      "layout_matched": layout_matched(rows[i]["requested_boxes"] or [], pred, min_confidence,
+                                                       fidelity_iou)}
+            continue
         target = int(rows[i]["class_id"])
         name = names[target] if 0 <= target < len(names) else ""
         verdict = gate_boxes(pred, target, min_confidence, class_consistency, name)
         out[i].update(boxes=verdict.boxes, confidence=verdict.confidence, kept=verdict.kept,
                       reject_reason=verdict.reject_reason or None, label_source="teacher")
     return out
+
+
+def layout_matched(requested: list[dict], preds: list[PredBox], min_confidence: float, threshold: float) -> int:
+    """Requested boxes found by a confident teacher detection of their class with IoU >= threshold."""
+    from t2id.lora.location import matched_boxes
+
+    detected = [{"class_id": p.class_id, "x": p.x, "y": p.y, "w": p.w, "h": p.h} for p in preds
+                if p.confidence >= min_confidence]
+    return matched_boxes(requested, detected, threshold)
 
 
 def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force: bool = False,
@@ -199,5 +217,5 @@ def label_fold(store: Store, s: LabelSettings, fold: int, cache_dir: Path, force
     if rows is None:
         rows = store.read_table(layout.generate.manifest(fold)).to_pylist()
     labelled = label_with_teacher(store, rows, teacher, load_classes(store), lab.min_confidence,
-                                  lab.class_consistency)
+                                  lab.class_consistency, s.fidelity_iou or 0.5)
     return labelled, {"teacher": weights_key, "teacher_weights": how, "teacher_device": device}

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from t2id.configbase import Section
+from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 
 
 class TargetClass(Section):
@@ -19,7 +20,29 @@ class TargetClass(Section):
     prompts: list[str] = Field(min_length=1, description="Training/generation prompts for this class.")
 
 
+# lora.method -> its settings sub-section (t2id.lora.methods): only the chosen method's is filled.
+METHOD_SECTIONS = {"dreambooth_lora": "dreambooth", "textual_inversion": "textual_inversion",
+                   "layout_lora": "layout"}
+SECTION_TYPES = {"dreambooth": DreamBoothConfig, "textual_inversion": TextualInversionConfig, "layout": LayoutConfig}
+
+
 class LoraConfig(Section):
+    method: Method = Field(
+        "lora",
+        description="Fine-tune recipe, per fold on its TRAIN images: 'lora' (the paper's), 'dreambooth_lora' "
+        "(identifier token + class-prior loss; lora.dreambooth), 'textual_inversion' (one learnt token per "
+        "class in both text encoders, base model frozen; lora.textual_inversion), 'layout_lora' (boxes as "
+        "location tokens in the prompt, text-encoder LoRA on; lora.layout). See docs/generators.md.",
+    )
+    dreambooth: DreamBoothConfig | None = Field(
+        None, description="Settings of method dreambooth_lora (defaults filled when it is chosen)."
+    )
+    textual_inversion: TextualInversionConfig | None = Field(
+        None, description="Settings of method textual_inversion (defaults filled when it is chosen)."
+    )
+    layout: LayoutConfig | None = Field(
+        None, description="Settings of method layout_lora (defaults filled when it is chosen)."
+    )
     base_model: str = Field(
         "tiny",
         description="SDXL weights: 'tiny' (random tiny model built from configs), a local dir, an s3:// prefix, "
@@ -106,6 +129,27 @@ class LoraConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Run Ray Train workers on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_method_section(cls, data):
+        # The chosen method's sub-section gets its defaults; the others stay null, so that they enter no
+        # settings hash (a settings dump holds the chosen recipe's values only).
+        if isinstance(data, dict):
+            section = METHOD_SECTIONS.get(data.get("method", "lora"))
+            if section and data.get(section) is None:  # an instance, not {}: assignments skip field validation
+                data = {**data, section: SECTION_TYPES[section]()}
+            if data.get("method") == "layout_lora" and "train_text_encoder" not in data:
+                data = {**data, "train_text_encoder": True}  # GeoDiffusion tunes the text encoder too
+        return data
+
+    @model_validator(mode="after")
+    def _one_method_section(self) -> LoraConfig:
+        for method, section in METHOD_SECTIONS.items():
+            if getattr(self, section) is not None and self.method != method:
+                raise ValueError(f"lora.{section} is set but lora.method is {self.method!r}; set lora.method: "
+                                 f"{method}, or remove lora.{section}")
+        return self
 
     @field_validator("train_text_encoder")
     @classmethod

@@ -233,17 +233,22 @@ def build_cache(pipe, examples: list[Example], read_bytes, resolution: int, hfli
     )
 
 
-def cache_key(model_dir: str, examples: list[Example], resolution: int, hflip: bool, vae_fp32: bool) -> str:
+def cache_key(model_dir: str, examples: list[Example], resolution: int, hflip: bool, vae_fp32: bool,
+              extra_tokens: tuple[str, ...] = ()) -> str:
     payload = {"model": str(model_dir), "examples": [(e.image_id, e.sha256, e.prompt) for e in examples],
                "resolution": resolution, "hflip": hflip, "vae_fp32": vae_fp32, "version": 3}
+    if extra_tokens:  # textual inversion's pseudo-words change how the prompts tokenize
+        payload["tokens"] = list(extra_tokens)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def load_or_build_cache(cache_dir: Path, model_dir: str, pipe, examples: list[Example], read_bytes,
                         resolution: int, hflip: bool, vae_fp32: bool = True,
-                        device: torch.device | str = "cpu") -> LatentCache:
-    """`build_cache`, memoized in `<cache_dir>/lora-latents/<key>.pt` (written atomically)."""
-    path = Path(cache_dir) / "lora-latents" / f"{cache_key(model_dir, examples, resolution, hflip, vae_fp32)}.pt"
+                        device: torch.device | str = "cpu", extra_tokens: tuple[str, ...] = ()) -> LatentCache:
+    """`build_cache`, memoized in `<cache_dir>/lora-latents/<key>.pt` (written atomically). `extra_tokens`:
+    words added to the tokenizers (textual inversion), which change the prompts' token ids."""
+    key = cache_key(model_dir, examples, resolution, hflip, vae_fp32, tuple(extra_tokens))
+    path = Path(cache_dir) / "lora-latents" / f"{key}.pt"
     if path.exists():
         try:
             return LatentCache(**torch.load(path, weights_only=True))
@@ -315,12 +320,13 @@ class SharedCache:
     `encoded` counts the examples this rank encoded."""
 
     def __init__(self, store, fold: int, cache_dir: Path, model_dir: str, pipe, examples: list[Example],
-                 resolution: int, hflip: bool, vae_fp32: bool, device: torch.device | str, rank: int, world: int):
+                 resolution: int, hflip: bool, vae_fp32: bool, device: torch.device | str, rank: int, world: int,
+                 extra_tokens: tuple[str, ...] = ()):
         from t2id import layout
 
         self.store, self.fold, self.pipe, self.examples, self.device = store, fold, pipe, examples, device
         self.resolution, self.hflip, self.vae_fp32, self.rank, self.world = resolution, hflip, vae_fp32, rank, world
-        self.key = cache_key(model_dir, examples, resolution, hflip, vae_fp32)
+        self.key = cache_key(model_dir, examples, resolution, hflip, vae_fp32, tuple(extra_tokens))
         self.path = Path(cache_dir) / "lora-latents" / f"{self.key}.pt"
         self.shard_key = lambda r: layout.lora.latent_shard(fold, self.key, r, world)
         self.shards = min(world, len(examples))  # more ranks than examples: the extra ranks hold no shard

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ import torch
 
 from t2id import layout
 from t2id.lora.config import LoraConfig
-from t2id.lora.data import Example, SharedCache
+from t2id.lora.data import Example, SharedCache, load_or_build_cache
 from t2id.lora.models import TINY, resolve_model_source
+from t2id.lora.textual_inversion import add_tokens, expand_prompt
 from t2id.lora.train import (
     Hooks,
     TrainState,
@@ -57,11 +59,19 @@ LOG_SCHEMA = pa.schema([
     pa.field("lr", pa.float64()),
     pa.field("time", pa.float64()),  # seconds of training so far (summed over attempts)
 ])
+# lora.method dreambooth_lora: loss = instance_loss + prior_loss_weight x prior_loss, both terms logged.
+DREAMBOOTH_LOG_SCHEMA = LOG_SCHEMA.append(pa.field("instance_loss", pa.float64())).append(
+    pa.field("prior_loss", pa.float64()))
+
+
+def log_schema(cfg: LoraConfig) -> pa.Schema:
+    return DREAMBOOTH_LOG_SCHEMA if cfg.method == "dreambooth_lora" else LOG_SCHEMA
 
 
 def write_validation_images(pipe, state: TrainState, cfg: LoraConfig, store: Store, fold: int, epoch: int,
-                            seed: int) -> list[str]:
-    """`validation_images` images per target class with fixed seeds, so epochs are comparable."""
+                            seed: int, prompts: dict[str, list[str]] | None = None) -> list[str]:
+    """`validation_images` images per target class with fixed seeds, so epochs are comparable; `prompts`:
+    each class's prompts as the method trains them (default: lora.target_classes' prompts)."""
     keys = []
     unet = unwrap(state.unet)
     unet.eval()
@@ -72,7 +82,8 @@ def write_validation_images(pipe, state: TrainState, cfg: LoraConfig, store: Sto
             for i in range(cfg.validation_images):
                 gen = torch.Generator().manual_seed(seed + 1000 * c + i)
                 with torch.no_grad(), state.autocast():
-                    image = pipe(target.prompts[i % len(target.prompts)], num_inference_steps=cfg.validation_steps,
+                    texts = (prompts or {}).get(target.name) or target.prompts
+                    image = pipe(texts[i % len(texts)], num_inference_steps=cfg.validation_steps,
                                  height=cfg.resolution, width=cfg.resolution, generator=gen).images[0]
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
@@ -97,6 +108,7 @@ def train_func(config: dict[str, Any]) -> None:
     fold: int = config["fold"]
     seed: int = config["seed"]
     examples: list[Example] = config["examples"]
+    prior_examples: list[Example] | None = config.get("prior_examples")  # dreambooth_lora's class-prior images
     cache_dir = Path(config["cache_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,22 +120,37 @@ def train_func(config: dict[str, Any]) -> None:
     model_dir = resolve_model_source(cfg.base_model, cache_dir, cfg.allow_network, config["endpoint_url"])
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
+    token_set = None
+    prompts = config.get("prompts")  # class -> prompts as the method trains them (validation images)
+    if cfg.method == "textual_inversion":  # the pseudo-words must be in the tokenizers before prompts are cached
+        token_set = add_tokens(pipe, cfg.textual_inversion, [t.name for t in cfg.target_classes])
+        examples = [replace(e, prompt=expand_prompt(e.prompt, token_set.tokens)) for e in examples]
+        prompts = {name: [expand_prompt(p, token_set.tokens) for p in texts] for name, texts in (prompts or {}).items()}
+    extra_tokens = tuple(token_set.flat) if token_set else ()
     # Encoded once over all ranks (each its share) and shared through the store (issue 17, item 5).
     shared = SharedCache(store, fold, cache_dir, model_dir, pipe, examples, cfg.resolution, cfg.hflip,
-                         cfg.vae_fp32, device, rank, world)
+                         cfg.vae_fp32, device, rank, world, extra_tokens)
     shared.put_shard()
     if world > 1:
         torch.distributed.barrier()  # every shard is in the store
     cache = shared.assemble()
 
     # 2. Adapter, optimizer, schedules; resume from the last checkpoint when there is one.
-    state = setup_training(pipe, cfg, len(cache), world, device, seed)
+    state = setup_training(pipe, cfg, len(cache), world, device, seed, token_set)
+    if prior_examples:
+        state.prior_cache = load_or_build_cache(cache_dir, model_dir, pipe, prior_examples, store.read_bytes,
+                                                cfg.resolution, cfg.hflip, cfg.vae_fp32, device)
+        by_class: dict[str, list[int]] = {}
+        for i, e in enumerate(prior_examples):
+            by_class.setdefault(e.class_name, []).append(i)
+        state.prior_of = [by_class[e.class_name] for e in examples]
+        state.prior_loss_weight = cfg.dreambooth.prior_loss_weight
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             restore_checkpoint(state, Path(folder))
     resumed_from = state.step
-    if world > 1:
+    if world > 1 and token_set is None:  # textual inversion: a frozen UNet; embedding grads are all-reduced
         state.unet = ray.train.torch.prepare_model(pipe.unet, move_to_device=False)
     schedule = make_schedule(len(cache), cfg, world)
 
@@ -145,7 +172,7 @@ def train_func(config: dict[str, Any]) -> None:
     def after_epoch(state: TrainState, epoch: int) -> None:
         last = state.step == schedule.total_steps
         if rank == 0 and cfg.validation_images and ((epoch + 1) % cfg.validation_every_epochs == 0 or last):
-            write_validation_images(pipe, state, cfg, store, fold, epoch, seed)
+            write_validation_images(pipe, state, cfg, store, fold, epoch, seed, prompts)
 
     # run.tracking: rank 0 logs the fold's loss curve to MLflow / TensorBoard; the other ranks get a no-op log.
     with lora_run(config.get("tracking") if rank == 0 else None, store, fold, seed, resumed_from) as log:
@@ -154,23 +181,34 @@ def train_func(config: dict[str, Any]) -> None:
     # 4. Outputs.
     record = {
         "rank": rank, "world": world, "resumed_from_step": resumed_from, "examples_encoded": shared.encoded,
-        "lora_digest": lora_digest(state.unet, *state.text_encoders),
+        "lora_digest": state.guard.digest() if state.guard else lora_digest(state.unet, *state.text_encoders),
         "steps": [[step, [cache.image_ids[i] for i in idx]] for step, idx in state.seen],
     }
     store.write_text(layout.lora.rank(fold, rank), json.dumps(record))
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(state.unet, tmp, state.text_encoders)
-            store.write_file(layout.lora.adapter(fold), Path(tmp) / layout.lora.adapter_file)
-        store.write_table(layout.lora.train_log(fold), pa.Table.from_pylist(state.log, schema=LOG_SCHEMA))
+            if state.guard is not None:  # textual inversion: the learnt rows, diffusers' SDXL format
+                from safetensors.torch import save_file
+
+                save_file(state.guard.rows(), str(Path(tmp) / "embeds.safetensors"))
+                store.write_file(layout.lora.embeddings(fold), Path(tmp) / "embeds.safetensors")
+                store.write_text(layout.lora.tokens(fold), json.dumps({"tokens": token_set.tokens,
+                                                                       "init_word": cfg.textual_inversion.init_word}))
+            else:
+                save_adapter(state.unet, tmp, state.text_encoders)
+                store.write_file(layout.lora.adapter(fold), Path(tmp) / layout.lora.adapter_file)
+        store.write_table(layout.lora.train_log(fold), pa.Table.from_pylist(state.log, schema=log_schema(cfg)))
 
 
 def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig, seed: int, cache_dir: Path,
                run_name: str, endpoint_url: str | None = None, progress: Any = None,
-               tracking: Tracking | None = None):
+               tracking: Tracking | None = None, prior_examples: list[Example] | None = None,
+               prompts: dict[str, list[str]] | None = None):
     """Train fold `fold`'s adapter with Ray Train (Ray must be initialized); outputs land under
     layout.lora.fold(fold), checkpoints under layout.lora.ray_run(run_name). Returns Ray's Result.
-    `progress`: a t2id.raycluster.progress_relay handle that rank 0 tells its optimizer step."""
+    `progress`: a t2id.raycluster.progress_relay handle that rank 0 tells its optimizer step.
+    `prior_examples`: dreambooth_lora's class-prior images; `prompts`: class -> its prompts as the method
+    trains them (validation images)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -182,7 +220,7 @@ def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig
         train_func,
         train_loop_config={"lora": cfg, "store": store, "fold": fold, "seed": seed, "examples": examples,
                            "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress,
-                           "tracking": tracking},
+                           "tracking": tracking, "prior_examples": prior_examples, "prompts": prompts},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

@@ -7,6 +7,9 @@ Per fold k (DESIGN.md store layout), under `layout.lora.fold(k)`:
   validation    validation/epoch=<e>/<class>-<i>.png: a few images per target class after epochs
   ranks         ranks/rank=<r>.json: examples each DDP rank processed; its final adapter digest
   memo          _memo.json (t2id.resume): the fold's identity and output hashes, written last
+lora.method (t2id.lora.methods) changes what a fold trains, never on what: dreambooth_lora prompts
+with the identifier and first draws the class-prior images under prior/ (t2id.lora.prior);
+textual_inversion writes learned_embeds.safetensors + tokens.json instead of an adapter.
 Ray Train's checkpoints live under `layout.lora.ray_storage`. A fold whose memo matches (lora
 settings, seed, training examples) and whose outputs are intact is reused, so a killed stage redoes
 only the unfinished folds; an unfinished fold resumes from its last checkpoint (the Ray Train run
@@ -23,7 +26,9 @@ from t2id import layout
 from t2id.data.manifest import fold_ids, load_classes, load_fold_rows, select_folds
 from t2id.errors import UserError
 from t2id.events import Advance
+from t2id.lora.config import LoraConfig
 from t2id.lora.data import Example, select_examples
+from t2id.lora.methods import LayoutConfig, method_prompt, method_tokens
 from t2id.lora.settings import LoraSettings, settings
 from t2id.resume import Memo, memoized
 from t2id.runner import Stage, StageContext, StageResult
@@ -55,10 +60,39 @@ def fold_examples(store: Store, fold: int, class_names: list[str],
     return examples
 
 
+def method_targets(cfg: LoraConfig) -> list[tuple[str, list[str]]]:
+    """(class, prompts as the chosen method trains them) of every target class (t2id.lora.methods)."""
+    return [(t.name, [method_prompt(p, t.name, cfg.method, cfg.dreambooth, cfg.textual_inversion)
+                      for p in t.prompts]) for t in cfg.target_classes]
+
+
+def identity_section(cfg: LoraConfig) -> dict:
+    """The lora section as a fold's identity: less `folds` (which only says which folds to train) and, for
+    the default method, less the method keys, so adapters trained before lora.method existed stay valid."""
+    exclude = {"folds"} | ({"method", "dreambooth", "textual_inversion", "layout"} if cfg.method == "lora" else set())
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
+def with_layout(store: Store, fold: int, class_names: list[str], examples: list[Example],
+                layout_cfg: LayoutConfig) -> list[Example]:
+    """layout_lora's training prompts: the class prompt followed by the image's boxes of that class as
+    GeoDiffusion-style location tokens."""
+    from dataclasses import replace
+
+    from t2id.lora.location import class_boxes, layout_prompt
+
+    boxes_of = {r["image_id"]: r["boxes"] or [] for r in load_fold_rows(store, fold, "train").to_pylist()}
+    out = []
+    for e in examples:
+        boxes = class_boxes(boxes_of[e.image_id], class_names.index(e.class_name), layout_cfg.max_boxes)
+        out.append(replace(e, prompt=layout_prompt(e.prompt, e.class_name, boxes, layout_cfg.bins)))
+    return out
+
+
 def fold_memo(ctx: StageContext, s: LoraSettings, fold: int, seed: int, examples: list[Example]) -> Memo:
     """What makes a fold's adapter what it is: the lora section (less `folds`, which only says which
     folds to train), the fold's seed and its training examples (ids, content hashes, prompts)."""
-    identity = {"lora": s.lora.model_dump(mode="json", exclude={"folds"}), "seed": seed,
+    identity = {"lora": identity_section(s.lora), "seed": seed,
                 "examples": [[e.image_id, e.sha256, e.prompt] for e in examples]}
     return Memo(ctx.store, layout.memo(layout.lora.fold(fold)), identity, ignore=ctx.force)
 
@@ -80,11 +114,26 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
     from t2id.raycluster import ensure_ray, progress_relay
 
     store = ctx.store
-    store.write_text(layout.lora.train_ids(fold), json.dumps({
+    cfg = s.lora
+    prior_examples, prior = None, None
+    if cfg.method == "dreambooth_lora":  # the base model draws the class priors first (on Ray actors)
+        from t2id.lora.prior import make_prior_images
+
+        ensure_ray(ctx.cluster)
+        prior_examples, prior = make_prior_images(store, cfg, fold, seed, str(Path(ctx.cache_dir).expanduser()),
+                                                  ctx.endpoint_url)
+    provenance = {
         "fold": fold,
         "image_ids": [e.image_id for e in examples],
         "examples": [{"image_id": e.image_id, "class": e.class_name, "prompt": e.prompt} for e in examples],
-    }, indent=1))
+    }
+    if cfg.method != "lora":  # the default's file stays as it was
+        provenance["method"] = cfg.method
+        provenance["tokens"] = {t.name: method_tokens(t.name, cfg.method, cfg.dreambooth, cfg.textual_inversion)
+                                for t in cfg.target_classes}
+    if prior is not None:
+        provenance["prior"] = prior
+    store.write_text(layout.lora.train_ids(fold), json.dumps(provenance, indent=1))
     run_name = f"fold={fold}-{memo.digest[:12]}"
     if ctx.force:  # retrain from scratch: Ray Train would otherwise restore this run's last checkpoint
         store.delete_prefix(layout.lora.ray_run(run_name))
@@ -92,18 +141,26 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
     start_tracking(ctx.tracking)  # an unusable MLflow URI fails here, before training
     with progress_relay(advance or (lambda n=1, status=None: None)) as relay:
         train_fold(store, fold, examples, s.lora, seed, Path(ctx.cache_dir), run_name=run_name,
-                   endpoint_url=ctx.endpoint_url, progress=relay, tracking=ctx.tracking)
-    return [layout.lora.adapter(fold), layout.lora.train_ids(fold), layout.lora.train_log(fold)]
+                   endpoint_url=ctx.endpoint_url, progress=relay, tracking=ctx.tracking,
+                   prior_examples=prior_examples, prompts=dict(method_targets(cfg)))
+    weights = ([layout.lora.embeddings(fold), layout.lora.tokens(fold)] if cfg.method == "textual_inversion"
+               else [layout.lora.adapter(fold)])
+    priors = [] if prior is None else [layout.lora.prior_plan(fold),
+                                       *(k for r in prior["images"] for k in (r["key"], r["record"]))]
+    return [*weights, layout.lora.train_ids(fold), layout.lora.train_log(fold), *priors]
 
 
 def run(ctx: StageContext, s: LoraSettings) -> StageResult:
     store = ctx.store
     class_names = load_classes(store)
-    targets = [(t.name, list(t.prompts)) for t in s.lora.target_classes]
+    targets = method_targets(s.lora)
     outputs: dict[str, str] = {}
     summary: dict[str, object] = {"folds": {}}
     folds = select_folds(store, s.lora.folds, "lora.folds")
     examples_of = {fold: fold_examples(store, fold, class_names, targets) for fold in folds}
+    if s.lora.layout is not None:  # layout_lora: each image's prompt also states its boxes (t2id.lora.location)
+        examples_of = {fold: with_layout(store, fold, class_names, examples, s.lora.layout)
+                       for fold, examples in examples_of.items()}
     steps = {fold: fold_steps(s, len(examples)) for fold, examples in examples_of.items()}
     total = None if None in steps.values() else sum(steps.values())
     with ctx.events.progress("lora: optimizer steps, all folds", total) as advance:

@@ -5,7 +5,8 @@ Read top to bottom:
      `add_text_encoder_lora` with lora.train_text_encoder, the same on both text encoders' attention
                             (q/k/v/out_proj); prompts are then encoded every step from cached token ids.
   2. `step_batches`         which cached examples each rank uses at each optimizer step.
-  3. `diffusion_loss`       noise-prediction MSE, optional min-SNR weighting and noise offset.
+  3. `diffusion_loss`       noise-prediction MSE, optional min-SNR weighting and noise offset;
+     `prior_batch`          lora.method dreambooth_lora: a class-prior image per instance image (same class).
   4. `train_step`           one optimizer step (micro-batches, DDP no_sync, AMP, clipping).
   5. `fit`                  the loop over steps; the caller (Ray layer or a test) gets hooks.
   6. `save_checkpoint`      what a resumable checkpoint holds, and `restore_checkpoint`.
@@ -254,6 +255,44 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, prompt_embeds: 
     return per_image.mean()
 
 
+def instance_and_prior_losses(unet, noise_scheduler, instance: dict[str, torch.Tensor], prior: dict[str, torch.Tensor],
+                              gen: torch.Generator, prior_gen: torch.Generator, noise_offset: float = 0.0,
+                              min_snr_gamma: float | None = None,
+                              autocast: contextlib.AbstractContextManager | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DreamBooth's two noise-prediction losses (Ruiz et al. 2023, eq. 2) from ONE UNet forward over the
+    instance and prior halves concatenated, as diffusers' train_dreambooth_lora does (one pass over the
+    weights, one DDP forward per backward). Each half draws its noise and timesteps from its own
+    generator, in diffusion_loss's order. `instance`/`prior`: latents, prompt_embeds, pooled_embeds,
+    time_ids."""
+    device = instance["latents"].device
+    halves = []
+    for part, g in ((instance, gen), (prior, prior_gen)):
+        latents = part["latents"]
+        noise = draw_noise(latents.cpu(), g, noise_offset).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=g).to(device)
+        halves.append((latents, noise, timesteps))
+    latents = torch.cat([h[0] for h in halves])
+    noise = torch.cat([h[1] for h in halves])
+    timesteps = torch.cat([h[2] for h in halves])
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = noise_scheduler.config.prediction_type
+    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    with autocast or contextlib.nullcontext():
+        pred = unet(noisy, timesteps, torch.cat([instance["prompt_embeds"], prior["prompt_embeds"]]),
+                    added_cond_kwargs={"text_embeds": torch.cat([instance["pooled_embeds"], prior["pooled_embeds"]]),
+                                       "time_ids": torch.cat([instance["time_ids"], prior["time_ids"]])},
+                    return_dict=False)[0]
+    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_image = per_pixel.mean(dim=list(range(1, per_pixel.ndim)))
+    if min_snr_gamma is not None:
+        per_image = per_image * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
+                                                prediction_type)
+    n = instance["latents"].shape[0]
+    return per_image[:n].mean(), per_image[n:].mean()
+
+
 def gather_batch(cache: LatentCache, indices: list[int], gen: torch.Generator, hflip: bool,
                  device: torch.device | str) -> dict[str, torch.Tensor]:
     """Batch tensors for the given examples: a posterior sample of one orientation each, with the
@@ -295,6 +334,14 @@ class TrainState:
     step: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     seen: list[tuple[int, list[int]]] = field(default_factory=list)  # (step, example indices) this attempt
+    # lora.method dreambooth_lora: the class-prior images' cache and, per instance example, the prior
+    # examples of its class; the step's loss is then instance MSE + prior_loss_weight x prior MSE.
+    prior_cache: LatentCache | None = None
+    prior_of: list[list[int]] | None = None
+    prior_loss_weight: float = 1.0
+    terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms (rank mean: fit)
+    # lora.method textual_inversion: keeps every embedding row but the new tokens' frozen (t2id.lora.textual_inversion)
+    guard: Any = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -338,17 +385,20 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LoraConfig, total_s
 
 
 def setup_training(pipe, cfg: LoraConfig, n_examples: int, world: int = 1,
-                   device: torch.device | str = "cpu", seed: int = 0) -> TrainState:
+                   device: torch.device | str = "cpu", seed: int = 0, token_set: Any = None) -> TrainState:
     """Adapter, optimizer, LR schedule and noise schedule for training `pipe.unet` (not yet DDP-wrapped).
 
     The LoRA init draws from torch's global RNG, seeded here so every rank and every rerun starts
-    from the same adapter (DDP would broadcast rank 0's anyway).
+    from the same adapter (DDP would broadcast rank 0's anyway). lora.method textual_inversion: no LoRA;
+    the pseudo-words of `token_set` (already added by t2id.lora.textual_inversion.add_tokens) are what trains.
     """
     from diffusers import DDPMScheduler
 
     device = torch.device(device)
     torch.manual_seed(seed)
     weight_dtype, autocast_dtype = compute_dtypes(cfg.mixed_precision, device)
+    if cfg.method == "textual_inversion":
+        return setup_textual_inversion(pipe, cfg, n_examples, world, device, token_set)
     params = add_unet_lora(pipe.unet, cfg, weight_dtype)
     pipe.unet.to(device)
     text_encoders = []
@@ -366,6 +416,42 @@ def setup_training(pipe, cfg: LoraConfig, n_examples: int, world: int = 1,
                       lr_scheduler=make_lr_scheduler(optimizer, cfg, schedule.total_steps),
                       noise_scheduler=noise_scheduler, scaler=scaler, autocast_dtype=autocast_dtype, device=device,
                       text_encoders=text_encoders)
+
+
+def setup_textual_inversion(pipe, cfg: LoraConfig, n_examples: int, world: int, device: torch.device,
+                            token_set: Any) -> TrainState:
+    """Frozen UNet (no LoRA), both text encoders frozen but the new tokens' embedding rows (Gal et al. 2022)."""
+    from diffusers import DDPMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from t2id.lora.textual_inversion import setup_encoders
+
+    if token_set is None:
+        raise RuntimeError("lora.method textual_inversion: add the pseudo-words (add_tokens) before setup_training")
+    weight_dtype, autocast_dtype = compute_dtypes(cfg.mixed_precision, device)
+    pipe.unet.requires_grad_(False)
+    pipe.unet.to(device=device, dtype=weight_dtype)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    encoders, params, guard = setup_encoders(pipe, token_set, weight_dtype, device)
+    optimizer = torch.optim.AdamW(params, lr=cfg.textual_inversion.lr, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay)
+    schedule = make_schedule(n_examples, cfg, world)
+    scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 and device.type == "cuda" else None
+    return TrainState(unet=pipe.unet, params=params, optimizer=optimizer,
+                      lr_scheduler=make_lr_scheduler(optimizer, cfg, schedule.total_steps),
+                      noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), scaler=scaler,
+                      autocast_dtype=autocast_dtype, device=device, text_encoders=encoders, guard=guard)
+
+
+def prior_batch(state: TrainState, indices: list[int], gen: torch.Generator, hflip: bool) -> dict[str, torch.Tensor]:
+    """DreamBooth's class-prior half of a micro-batch (Ruiz et al. 2023, Sec. 4.3): for each instance
+    example, a prior image of its class drawn uniformly (from `gen`), as a batch of the prior cache."""
+    assert state.prior_cache is not None and state.prior_of is not None
+    picks = [state.prior_of[i][int(torch.randint(0, len(state.prior_of[i]), (1,), generator=gen))]
+             for i in indices]
+    return gather_batch(state.prior_cache, picks, gen, hflip, state.device)
 
 
 def text_embeddings(state: TrainState, cache: LatentCache, batch: dict[str, torch.Tensor]
@@ -409,6 +495,7 @@ def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule:
     state.optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(step_generator(seed, rank, state.step, -1).initial_seed())  # LoRA dropout
     losses = []
+    instance_losses, prior_losses = [], []
     for i, indices in enumerate(micro_batches):
         gen = step_generator(seed, rank, state.step, i)
         batch = gather_batch(cache, indices, gen, cfg.hflip, state.device)
@@ -416,13 +503,33 @@ def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule:
         sync = contextlib.nullcontext() if last or not hasattr(state.unet, "no_sync") else state.unet.no_sync()
         with sync:
             prompt_embeds, pooled_embeds = text_embeddings(state, cache, batch)
-            loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], prompt_embeds,
-                                  pooled_embeds, batch["time_ids"], gen, cfg.noise_offset,
-                                  cfg.min_snr_gamma, state.autocast())
+            if state.prior_cache is None:
+                loss = diffusion_loss(state.unet, state.noise_scheduler, batch["latents"], prompt_embeds,
+                                      pooled_embeds, batch["time_ids"], gen, cfg.noise_offset,
+                                      cfg.min_snr_gamma, state.autocast())
+            else:
+                # DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): the same noise-prediction loss
+                # on class images the base model drew, weighted by lambda; the prior half draws from a
+                # generator of its own.
+                prior_gen = step_generator(seed, rank, state.step, 1_000_000 + i)
+                prior = prior_batch(state, indices, prior_gen, cfg.hflip)
+                prior["prompt_embeds"], prior["pooled_embeds"] = text_embeddings(state, state.prior_cache, prior)
+                instance = {**batch, "prompt_embeds": prompt_embeds, "pooled_embeds": pooled_embeds}
+                instance_loss, prior_loss = instance_and_prior_losses(
+                    state.unet, state.noise_scheduler, instance, prior, gen, prior_gen, cfg.noise_offset,
+                    cfg.min_snr_gamma, state.autocast())
+                instance_losses.append(instance_loss.detach().float().item())
+                prior_losses.append(prior_loss.detach().float().item())
+                loss = instance_loss + state.prior_loss_weight * prior_loss
             scaled = loss / len(micro_batches)
             (state.scaler.scale(scaled) if state.scaler else scaled).backward()
         losses.append(loss.detach().float().item())
+    if prior_losses:
+        state.terms = {"instance_loss": sum(instance_losses) / len(instance_losses),
+                       "prior_loss": sum(prior_losses) / len(prior_losses)}
     all_reduce_text_encoder_grads(state)
+    if state.guard is not None:
+        state.guard.mask_grads()  # only the new tokens' rows learn (and count for clipping)
     if state.scaler:
         state.scaler.unscale_(state.optimizer)
     if cfg.max_grad_norm:
@@ -432,6 +539,8 @@ def train_step(state: TrainState, cache: LatentCache, cfg: LoraConfig, schedule:
         state.scaler.update()
     else:
         state.optimizer.step()
+    if state.guard is not None:
+        state.guard.restore_frozen()  # undo weight decay and the other words' updates, bit for bit
     state.lr_scheduler.step()
     state.step += 1
     return sum(losses) / len(losses)
@@ -473,6 +582,8 @@ def fit(state: TrainState, cache: LatentCache, cfg: LoraConfig, seed: int, rank:
         loss = mean_over_ranks(train_step(state, cache, cfg, schedule, seed, rank), state.device)
         row = {"step": state.step, "epoch": epoch, "loss": loss, "lr": lr,
                "time": time.perf_counter() - started}
+        for name, value in state.terms.items():  # dreambooth_lora: instance_loss, prior_loss
+            row[name] = mean_over_ranks(value, state.device)
         if rank == 0:
             state.log.append(row)
         if hooks.after_step:
@@ -485,6 +596,7 @@ def fit(state: TrainState, cache: LatentCache, cfg: LoraConfig, seed: int, rank:
 # 6. Checkpoints --------------------------------------------------------------------------------
 
 TEXT_ENCODER_FILES = ("lora_text_encoder.safetensors", "lora_text_encoder_2.safetensors")
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # textual inversion checkpoints
 
 
 def save_checkpoint(state: TrainState, folder: Path) -> None:
@@ -493,9 +605,12 @@ def save_checkpoint(state: TrainState, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    save_file(lora_state_dict(state.unet), str(folder / "lora.safetensors"))
-    for i, encoder in enumerate(state.text_encoders):
-        save_file(lora_state_dict(encoder), str(folder / TEXT_ENCODER_FILES[i]))
+    if state.guard is not None:  # textual inversion: the new tokens' rows are all that trained
+        save_file(state.guard.rows(), str(folder / EMBEDDINGS_FILE))
+    else:
+        save_file(lora_state_dict(state.unet), str(folder / "lora.safetensors"))
+        for i, encoder in enumerate(state.text_encoders):
+            save_file(lora_state_dict(encoder), str(folder / TEXT_ENCODER_FILES[i]))
     torch.save({
         "optimizer": state.optimizer.state_dict(),
         "lr_scheduler": state.lr_scheduler.state_dict(),
@@ -510,8 +625,11 @@ def restore_checkpoint(state: TrainState, folder: Path) -> None:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    load_lora_state_dict(state.unet, load_file(str(folder / "lora.safetensors"), device=str(state.device)))
-    for i, encoder in enumerate(state.text_encoders):
+    if state.guard is not None:
+        state.guard.load_rows(load_file(str(folder / EMBEDDINGS_FILE)))
+    else:
+        load_lora_state_dict(state.unet, load_file(str(folder / "lora.safetensors"), device=str(state.device)))
+    for i, encoder in enumerate(state.text_encoders if state.guard is None else ()):
         path = folder / TEXT_ENCODER_FILES[i]
         if not path.exists():
             raise RuntimeError(f"checkpoint {folder} has no {TEXT_ENCODER_FILES[i]}, but lora.train_text_encoder "

@@ -205,6 +205,20 @@ def label_counts(store: Store, classes: list[str]) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def layout_fidelity(store: Store) -> pd.DataFrame | None:
+    """Per fold x class from label/fold=<k>/layout_fidelity.json (lora.method layout_lora): requested boxes,
+    those the fold's real-data teacher found as their class with IoU >= lora.layout.fidelity_iou, the fraction."""
+    rows = []
+    for fold in _folds(store):
+        key = layout.label.layout_fidelity(fold)
+        if store.exists(key):
+            for c in json.loads(store.read_text(key))["classes"]:
+                rows.append({"fold": int(fold), "class": c["class"], "images": c["images"],
+                             "requested_boxes": c["requested"], "matched": c["matched"],
+                             "layout_fidelity": c["fidelity"]})
+    return pd.DataFrame(rows) if rows else None
+
+
 def networks_note(metrics: pd.DataFrame | None, raw) -> str:
     """Which networks computed the image metrics: evaluate's `networks` column or schema note, else unknown."""
     notes: list[str] = []
@@ -318,6 +332,15 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
             f"{int(counts_table['shortfall'].fillna(0).sum())}."))
         blocks.append(Table("Synthetic images per fold and class: rejections and images used",
                             counts_table.set_index("fold"), "synthetic_images.csv"))
+    fidelity = layout_fidelity(store)
+    if fidelity is not None:
+        csvs["layout_fidelity.csv"] = fidelity
+        blocks.append(Para(
+            "Layout fidelity (lora.method: layout_lora): each synthetic image was asked for boxes in its prompt "
+            "(location tokens, GeoDiffusion) and keeps them as its labels; a requested box counts as drawn when the "
+            "fold's teacher, a detector trained on the fold's real training images only, detects its class with "
+            "IoU >= lora.layout.fidelity_iou (0.5 by default, as mAP50). Fidelity = drawn / requested."))
+        blocks.append(Table("Layout fidelity per fold and class", fidelity.set_index("fold"), "layout_fidelity.csv"))
     used = tables.synthetic_per_trial(trials, strategies)
     if not used.empty:
         csvs["synthetic_per_trial.csv"] = used.reset_index()

@@ -1,6 +1,7 @@
 """Experiment tracking (run.tracking): off by default; on, a real tiny grid (phantom data, one detector trial
-through Ray Tune) and the report land in a real MLflow file store and TensorBoard event files, and a LoRA fold
-trained by two Ray Train workers leaves one run with its loss curve. Tracking never changes a stage's hash."""
+through Ray Tune) and the report land in a real MLflow file store and TensorBoard event files (a LoRA fold trained
+by two Ray Train workers leaves one run with its loss curve: tests/test_lora_ray.py, on that module's 2-worker
+run). Tracking never changes a stage's hash."""
 
 from __future__ import annotations
 
@@ -119,31 +120,6 @@ def test_grid_and_report_runs_in_mlflow_and_tensorboard(ray_local, tmp_path, mon
     assert {"index.html", "report.md", "figures", "tables"} <= artifacts
     html = client.download_artifacts(report_run.info.run_id, "index.html", str(tmp_path / "dl"))
     assert open(html, encoding="utf-8").read() == store.read_text(layout.report.index_html)
-
-
-def test_lora_fold_logs_its_loss_curve_from_rank_zero_only(ray_local, tmp_path, monkeypatch):
-    from test_lora_train import make_examples
-
-    from t2id.lora.config import LoraConfig
-    from t2id.lora.ray_layer import train_fold
-    from t2id.store import open_store
-
-    store = open_store(str(tmp_path / "store"))
-    tracking = Tracking(mlflow_uri=(tmp_path / "mlruns").as_uri(), experiment="lora-test", tensorboard=True)
-    start(tracking)
-    cfg = LoraConfig(rank=4, alpha=4, resolution=64, epochs=1, batch_size=4, lr=1e-3, mixed_precision="no",
-                     num_workers=2, validation_images=0)
-    result = train_fold(store, 0, make_examples(store), cfg, 7, tmp_path / "cache", run_name="r", tracking=tracking)
-    assert result.error is None
-
-    client = _client(tracking.mlflow_uri, monkeypatch)
-    [run] = _runs(client, "lora-test", "lora")  # one run: the second worker logged nothing
-    assert run.info.run_name == "lora fold=0" and run.data.tags["fold"] == "0"
-    log = store.read_table(layout.lora.train_log(0)).to_pylist()
-    history = client.get_metric_history(run.info.run_id, "loss")
-    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in log]
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "lr")] == pytest.approx([r["lr"] for r in log])
-    assert [k for k in store.list(layout.tensorboard("lora", "fold=0")) if "tfevents" in k]
 
 
 def test_tensorboard_alone_uploads_its_event_files_to_an_s3_store(s3_bucket, s3_server):

@@ -243,11 +243,14 @@ def test_force_lora_rewrites_a_truncated_adapter(lora_run):
     hash". On this code the fold memo checks its outputs and --force ignores it: the fold is retrained."""
     cfg, stages = lora_run
     store = run_store(cfg)
+    trained = hashlib.sha256(store.read_bytes(layout.lora.adapter(0))).hexdigest()
     key, size = _truncate_adapter(store)
     events = Recorded()
     outcomes = {o.stage: o for o in run_pipeline(cfg, stages=stages, force="lora", events=events)}
     assert outcomes["lora"].status == "ran" and outcomes["lora"].summary["folds"]["0"]["reused"] is False
-    assert store.size(key) == size
+    # trained from scratch, not restored from Ray's last checkpoint, and deterministic: the same adapter again
+    assert json.loads(store.read_text(layout.lora.rank(0, 0)))["resumed_from_step"] == 0
+    assert store.size(key) == size and hashlib.sha256(store.read_bytes(key)).hexdigest() == trained
     marker = read_marker(store, "lora")
     assert marker["outputs"][key] == hashlib.sha256(store.read_bytes(key)).hexdigest()
     assert marker["sizes"][key] == size

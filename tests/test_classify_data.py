@@ -139,6 +139,8 @@ def test_phantom_source_check_cli_and_config_rules(tmp_path):
     with pytest.raises(Exception, match="mosaic"):
         validate_config({"run": {"task": "classify"}})
     assert "label" not in validate_config({"run": {"task": "classify"}, "grid": {"strategies": ["cas"]}}).run.stages
+    with pytest.raises(Exception, match="layout_lora but run.task is classify"):
+        validate_config({"run": {"task": "classify"}, "grid": {"strategies": ["cas"]}, "lora": {"method": "layout_lora"}})
 
 
 def test_demo_config_plans_and_preflight_names_missing_classifier_weights(tmp_path):

@@ -57,3 +57,6 @@ def check_classify_config(cfg: T2IDConfig) -> None:
         raise ValueError(f"grid.strategies {detection_only} use detector augmentations (mosaic/mixup) but run.task is "
                          "classify; list strategies with augment: plain, e.g. [baseline, rfs, cas, class_weights, "
                          "baseline_sdxl, t2id_cas]")
+    if cfg.lora.method == "layout_lora":
+        raise ValueError("lora.method is layout_lora but run.task is classify: location tokens ask for boxes, and an "
+                         "image-level label has none; use lora, dreambooth_lora or textual_inversion")

@@ -15,6 +15,7 @@ from test_lora_train import make_examples
 from test_stage_settings import BASE, changed_by_settings, with_values
 
 from t2id import layout
+from t2id.config import validate_config
 from t2id.data.manifest import load_classes
 from t2id.generate.config import GenerateConfig
 from t2id.generate.settings import GenerateSettings
@@ -58,6 +59,8 @@ def test_method_config_and_settings():
         LoraConfig(dreambooth={"identifier": "zwx"})
     with pytest.raises(ValueError, match="one word"):
         DreamBoothConfig(identifier="two words")
+    with pytest.raises(Exception, match="layout_lora but label.method is inpaint"):  # would drop the layout images
+        validate_config({"lora": {"method": "layout_lora"}, "label": {"method": "inpaint"}})
     # The recipe re-runs what it changes; only the chosen method's settings are hashed.
     db = with_values(BASE, lora__method="dreambooth_lora")
     assert changed_by_settings(BASE, db) == {"lora", "generate", "label"}

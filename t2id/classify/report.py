@@ -19,7 +19,15 @@ import pandas as pd
 from t2id import layout
 from t2id.classify.metrics import classification_metrics
 from t2id.report import figures, tables
-from t2id.report.build import _read, class_names, contact_sheets, fold_statement, networks_note, sample_rows
+from t2id.report.build import (
+    _read,
+    class_names,
+    contact_sheets,
+    fold_statement,
+    networks_note,
+    sample_rows,
+    training_blocks,
+)
 from t2id.report.html import Block, Figure, Heading, Para, Table
 from t2id.report.settings import ReportSettings
 from t2id.significance import PairedFold, paired_image_bootstrap
@@ -139,21 +147,12 @@ def build_classify_report(store: Store, s: ReportSettings) -> tuple[list[Block],
         "then one of its images; class_weights weights the cross-entropy by N / (K n_c)." +
         (" " + networks_note(_read(store, layout.evaluate.metrics), store.read_table(layout.evaluate.metrics))
          if store.exists(layout.evaluate.metrics) else "")))
-    used = tables.synthetic_per_trial(trials, strategies)
-    if not used.empty:
-        csvs["synthetic_per_trial.csv"] = used.reset_index()
-        blocks.append(Table("Synthetic images in each trial's training set (per fold and strategy; the maximum "
-                            "over seeds)", used, "synthetic_per_trial.csv"))
-    if per_fold is not None:
-        blocks.append(Table("Images and subjects per fold", per_fold.set_index("fold"), "folds.csv"))
-        csvs["folds.csv"] = per_fold
-    budget = tables.budgets(trials, strategies)
-    if not budget.empty:
-        csvs["budgets.csv"] = budget
-        blocks.append(Para("Compute budget: every strategy's epoch draws the same number of images (the fold's real "
-                           "training images by default), so all strategies see as many images and take as many "
-                           "optimizer steps; selection = final: the last epoch's model."))
-        blocks.append(Table("Budget and compute per strategy", budget.set_index("strategy"), "budgets.csv"))
+    training_blocks(blocks, csvs, trials, strategies, per_fold,
+                    synthetic_caption="Synthetic images in each trial's training set (per fold and strategy; the "
+                                      "maximum over seeds)",
+                    budget_note="Compute budget: every strategy's epoch draws the same number of images (the fold's "
+                                "real training images by default), so all strategies see as many images and take as "
+                                "many optimizer steps; selection = final: the last epoch's model.")
 
     blocks.append(Heading("Classification results"))
     overall, overall_stats = overall_table(trials, strategies)

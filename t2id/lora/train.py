@@ -227,6 +227,17 @@ def draw_noise(latents: torch.Tensor, gen: torch.Generator, noise_offset: float)
     return noise
 
 
+def per_image_loss(pred: torch.Tensor, target: torch.Tensor, noise_scheduler, timesteps: torch.Tensor,
+                   min_snr_gamma: float | None) -> torch.Tensor:
+    """Per-image MSE in fp32, Min-SNR weighted when `min_snr_gamma` is set (Hang et al. 2023)."""
+    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_image = per_pixel.mean(dim=list(range(1, per_pixel.ndim)))
+    if min_snr_gamma is not None:
+        per_image = per_image * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
+                                                noise_scheduler.config.prediction_type)
+    return per_image
+
+
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                    pooled_embeds: torch.Tensor, time_ids: torch.Tensor, gen: torch.Generator,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None,
@@ -247,11 +258,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, prompt_embeds: 
         pred = unet(noisy, timesteps, prompt_embeds,
                     added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": time_ids},
                     return_dict=False)[0]
-    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
-    per_image = per_pixel.mean(dim=list(range(1, per_pixel.ndim)))
-    if min_snr_gamma is not None:
-        per_image = per_image * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
-                                                prediction_type)
+    per_image = per_image_loss(pred, target, noise_scheduler, timesteps, min_snr_gamma)
     return per_image.mean()
 
 
@@ -284,11 +291,7 @@ def instance_and_prior_losses(unet, noise_scheduler, instance: dict[str, torch.T
                     added_cond_kwargs={"text_embeds": torch.cat([instance["pooled_embeds"], prior["pooled_embeds"]]),
                                        "time_ids": torch.cat([instance["time_ids"], prior["time_ids"]])},
                     return_dict=False)[0]
-    per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
-    per_image = per_pixel.mean(dim=list(range(1, per_pixel.ndim)))
-    if min_snr_gamma is not None:
-        per_image = per_image * min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, min_snr_gamma,
-                                                prediction_type)
+    per_image = per_image_loss(pred, target, noise_scheduler, timesteps, min_snr_gamma)
     n = instance["latents"].shape[0]
     return per_image[:n].mean(), per_image[n:].mean()
 

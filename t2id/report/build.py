@@ -278,6 +278,24 @@ def _seeds_text(seeds: list[int]) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} per fold and strategy ({', '.join(map(str, seeds))})"
 
 
+def training_blocks(blocks: list, csvs: dict, trials, strategies: list[str], per_fold, synthetic_caption: str,
+                    budget_note: str) -> None:
+    """What every trial trained on and with (both tasks' reports): synthetic images per trial, images and subjects
+    per fold, and the compute budget per strategy, each with its CSV."""
+    used = tables.synthetic_per_trial(trials, strategies)
+    if not used.empty:
+        csvs["synthetic_per_trial.csv"] = used.reset_index()
+        blocks.append(Table(synthetic_caption, used, "synthetic_per_trial.csv"))
+    if per_fold is not None:
+        blocks.append(Table("Images and subjects per fold", per_fold.set_index("fold"), "folds.csv"))
+        csvs["folds.csv"] = per_fold
+    budget = tables.budgets(trials, strategies)
+    if not budget.empty:
+        csvs["budgets.csv"] = budget
+        blocks.append(Para(budget_note))
+        blocks.append(Table("Budget and compute per strategy", budget.set_index("strategy"), "budgets.csv"))
+
+
 def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str, pd.DataFrame]]:
     """The report's blocks (text, tables, figures) and the CSV tables, from the run's store."""
     cfg = s.report
@@ -341,23 +359,14 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
             "fold's teacher, a detector trained on the fold's real training images only, detects its class with "
             "IoU >= lora.layout.fidelity_iou (0.5 by default, as mAP50). Fidelity = drawn / requested."))
         blocks.append(Table("Layout fidelity per fold and class", fidelity.set_index("fold"), "layout_fidelity.csv"))
-    used = tables.synthetic_per_trial(trials, strategies)
-    if not used.empty:
-        csvs["synthetic_per_trial.csv"] = used.reset_index()
-        blocks.append(Table("Synthetic images in each trial's training set (grid n_synthetic, per fold and "
-                            "strategy; the maximum over seeds)", used, "synthetic_per_trial.csv"))
-    if per_fold is not None:
-        blocks.append(Table("Images and subjects per fold", per_fold.set_index("fold"), "folds.csv"))
-        csvs["folds.csv"] = per_fold
-    budget = tables.budgets(trials, strategies)
-    if not budget.empty:
-        csvs["budgets.csv"] = budget
-        blocks.append(Para(
-            "Compute budget: each trial trains for its budget (budget_unit: optimizer steps or images seen) and "
-            "reports the optimizer steps and images it actually used; equal budgets across strategies make their "
-            "differences a comparison of data, not of training length. selection = which checkpoint was scored "
-            "(final: the last epoch's model, never chosen on the reported fold). Ranges are over folds and seeds."))
-        blocks.append(Table("Budget and compute per strategy", budget.set_index("strategy"), "budgets.csv"))
+    training_blocks(blocks, csvs, trials, strategies, per_fold,
+                    synthetic_caption="Synthetic images in each trial's training set (grid n_synthetic, per fold and "
+                                      "strategy; the maximum over seeds)",
+                    budget_note="Compute budget: each trial trains for its budget (budget_unit: optimizer steps or "
+                                "images seen) and reports the optimizer steps and images it actually used; equal "
+                                "budgets across strategies make their differences a comparison of data, not of "
+                                "training length. selection = which checkpoint was scored (final: the last epoch's "
+                                "model, never chosen on the reported fold). Ranges are over folds and seeds.")
 
     blocks.append(Heading(f"Detection results ({label}, Table II layout)"))
     blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds and seeds (sample std, ddof=1); "

@@ -277,6 +277,7 @@ def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(ph
     train = {r["image_id"]: r for r in load_fold_rows(store, 1, "train").to_pylist()}
     for row in labels:
         assert row["label_source"] == "inpaint" and row["source"] == "synthetic"
+        assert row["method"] == "inpaint" and row["adapter_method"] == "lora"  # the generator; its adapter's recipe
         source = train[row["source_image_id"]]  # a real TRAIN image of the fold holding the target class
         assert row["boxes"] == source["boxes"]  # inherited exactly
         assert any(b["class_id"] == row["class_id"] for b in row["boxes"])

@@ -213,7 +213,8 @@ def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict
         "base_model": record["base_model"], "lora_sha256": record["lora_sha256"], "entropy": record["entropy"],
         "std": record["std"], "clip_score": None, "kept": verdict.kept,
         "reject_reason": verdict.reject_reason or None, "label_source": "inpaint",
-        "method": s.inpainting.method,  # the recipe of the fold's generator that inpainted (lora.method)
+        "method": s.label.method,  # the generator (issue 20's name): inpaint | inpaint_outpaint
+        "adapter_method": s.inpainting.method,  # the recipe of the fold's adapter that inpainted (lora.method)
         "source_image_id": row["source_image_id"], "mask_rects": row["mask_rects"], "round": row["round"],
         "key": row["key"], "record_key": row["record_key"],
     })

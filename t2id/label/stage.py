@@ -52,6 +52,8 @@ LABELS_SCHEMA = pa.schema(list(SYNTHETIC_SCHEMA) + [
     pa.field("source_image_id", pa.string()),  # inpaint: the real image that was inpainted
     pa.field("mask_rects", pa.string()),  # inpaint: JSON list of normalized [x0, y0, x1, y1] masks
     pa.field("round", pa.int32()),  # 0: the first candidates; k: the k-th top-up round after label's rejections
+    pa.field("adapter_method", pa.string()),  # inpaint*: lora.method of the adapter that painted (`method` holds
+    #                                           the generator: inpaint | inpaint_outpaint)
 ])
 
 

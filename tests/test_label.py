@@ -402,7 +402,8 @@ def test_inpaint_outpaint_keeps_step1_regenerates_the_border_drops_its_boxes_and
             (ref["seed"], ref["source_image_id"], ref["mask_rects"])
         assert row["method"] == row["label_source"] == "inpaint_outpaint" and row["adapter_method"] == "lora"
         seeds = json.loads(row["step_seeds"])
-        assert seeds == {"inpaint": row["seed"], "outpaint": outpaint_seed(row["seed"], 1, names[row["class_id"]], 0)} and seeds["outpaint"] != row["seed"]
+        assert seeds == {"inpaint": row["seed"], "outpaint": outpaint_seed(row["seed"], 1, names[row["class_id"]], 0)}
+        assert seeds["outpaint"] != row["seed"]  # distinct sub-seeds
         # keep by hand: the target boxes grown by box_margin (clipped), their bounding box grown by keep_margin
         source = train[row["source_image_id"]]
         grown = [(max(0, b["x"] - b["w"] * (0.5 + margin)), max(0, b["y"] - b["h"] * (0.5 + margin)),

@@ -24,7 +24,6 @@ import numpy as np
 
 from t2id.generate.plan import derive_seed
 from t2id.label.inpaint import InpaintGenerator, Rect, mask_array
-from t2id.store import Store
 
 OUTPAINT_SEEDS = "outpaint:"  # seed namespace of step 2's sub-seed (derived from the row's seed)
 INSIDE_TOLERANCE = 1e-6  # boxes are float32 in the manifests: a box touching keep's edge counts as inside
@@ -58,25 +57,21 @@ class InpaintOutpaintGenerator(InpaintGenerator):
     """`InpaintGenerator` whose render adds step 2; needs the plan columns keep_rect and outpaint_seed too."""
 
     PLAN_COLUMNS = (*InpaintGenerator.PLAN_COLUMNS, "keep_rect", "outpaint_seed")
-
-    def __init__(self, settings, store: Store, fold: int, cache_dir: str, endpoint_url: str | None = None,
-                 device: str = "cpu", torch_threads: int | None = None) -> None:
-        super().__init__(settings, store, fold, cache_dir, endpoint_url, device, torch_threads)
-        self.outpaint = self.label.outpaint
-        self._steps2: list[tuple[Rect, int]] = []
+    _steps2: list[tuple[Rect, int]]  # the batch's (keep, step-2 sub-seed), set by __call__
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # render() sees prompts and seeds only; each row's keep and step-2 sub-seed are handed over here.
         self._steps2 = [(tuple(json.loads(str(k))), int(s)) for k, s in zip(batch["keep_rect"], batch["outpaint_seed"])]
         return super().__call__(batch)
 
     def render(self, prompts: list[str], negative_prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
         first = super().render(prompts, negative_prompts, seeds)  # step 1: the inpaint method's images
+        outpaint = self.label.outpaint
         images = []
         for image, (keep, seed), prompt, negative in zip(first, self._steps2, prompts, negative_prompts):
             outside = 255 - mask_array([keep], self.width, self.height)
             if not outside.any():  # keep covers the image: nothing to outpaint
                 images.append(image)
                 continue
-            images.append(self.paint(image, outside, self.outpaint.prompt or prompt, negative, seed,
-                                     self.outpaint.strength))
+            images.append(self.paint(image, outside, outpaint.prompt or prompt, negative, seed, outpaint.strength))
         return images

@@ -3,8 +3,9 @@
 Only the labeler in use contributes cross-section values: the teacher's detector settings
 (label.teacher.detector, else grid.detector) for `teacher`; generate's settings with the
 label.inpaint overrides for `inpaint` and `inpaint_outpaint` (which also carry lora.target_classes,
-lora.base_model and lora.allow_network). label.outpaint counts only for `inpaint_outpaint`. The runner hashes this model into the marker; the teacher's Ray task and
-the inpainting actors build themselves from it.
+lora.base_model and lora.allow_network); label.outpaint counts only for `inpaint_outpaint`. The
+runner hashes this model into the marker; the teacher's Ray task and the inpainting actors build
+themselves from it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Per fold k (label.folds, default every fold; keys from t2id.layout.label):
      (t2id.label.teacher; trained on the fold's real TRAIN images only) and the class-consistency
      gate, in one Ray task per fold with the teacher's resources (t2id.label.ray_layer);
      inpaint: new images are made from the fold's real TRAIN images (t2id.label.inpaint) on
-     generate's Ray Data machinery, and inherit their boxes.
+     generate's Ray Data machinery, and inherit their boxes; inpaint_outpaint (t2id.label.outpaint)
+     also regenerates the border, and inherits the boxes it left untouched.
   2. Memorization: each row's similarity to the nearest image its generator trained on (the lora
      stage's train_ids.json when lora runs; else the fold's real TRAIN images), flag and optionally
      reject.

@@ -109,11 +109,13 @@ class T2IDConfig(Section):
         elif self.report.metric in ("f1", "auc"):
             raise ValueError(f"report.metric {self.report.metric!r} is a classification metric but run.task is detect; "
                              "use map50_95, map50, precision or recall")
-        if self.lora.method == "layout_lora" and "label" in stages and self.label.method == "inpaint":
-            raise ValueError("lora.method is layout_lora but label.method is inpaint: the inpaint method labels images "
-                             "it inpaints into real ones and leaves the generated images, which carry their requested "
-                             "boxes, unused; set label.method: teacher (it keeps their boxes and measures layout "
-                             "fidelity)")
+        if (self.lora.method == "layout_lora" and "label" in stages
+                and self.label.method in ("inpaint", "inpaint_outpaint")):
+            method = self.label.method
+            raise ValueError(f"lora.method is layout_lora but label.method is {method}: the {method} method labels "
+                             "images it inpaints into real ones and leaves the generated images, which carry their "
+                             "requested boxes, unused; set label.method: teacher (it keeps their boxes and measures "
+                             "layout fidelity)")
         ev = self.evaluate
         # Random stand-in metric networks only beside the tiny random generator: with a real SDXL,
         # FID/KID/IS/CLIP from random nets would sit next to the paper's values looking comparable.

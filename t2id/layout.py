@@ -190,21 +190,22 @@ class _Label:
         """lora.method layout_lora: per class, requested boxes and those the real-data teacher found (IoU >= 0.5)."""
         return f"{self.fold(fold)}/layout_fidelity.json"
 
-    def inpaint(self, fold: int) -> str:
-        """Inpainted images and records live here, laid out like generate's (images/, records/)."""
-        return f"{self.fold(fold)}/inpaint"
+    def inpaint(self, fold: int, method: str = "inpaint") -> str:
+        """Inpainted images and records live here, laid out like generate's (images/, records/); `method` is
+        label.method (inpaint | inpaint_outpaint), so each method's images have their own folder."""
+        return f"{self.fold(fold)}/{method}"
 
-    def inpaint_images(self, fold: int) -> str:
-        return f"{self.inpaint(fold)}/images"
+    def inpaint_images(self, fold: int, method: str = "inpaint") -> str:
+        return f"{self.inpaint(fold, method)}/images"
 
-    def inpaint_records(self, fold: int) -> str:
-        return f"{self.inpaint(fold)}/records"
+    def inpaint_records(self, fold: int, method: str = "inpaint") -> str:
+        return f"{self.inpaint(fold, method)}/records"
 
-    def inpaint_image(self, fold: int, class_name: str, name: str) -> str:
-        return f"{self.inpaint_images(fold)}/{slug(class_name)}/{name}.png"
+    def inpaint_image(self, fold: int, class_name: str, name: str, method: str = "inpaint") -> str:
+        return f"{self.inpaint_images(fold, method)}/{slug(class_name)}/{name}.png"
 
-    def inpaint_record(self, fold: int, class_name: str, name: str) -> str:
-        return f"{self.inpaint_records(fold)}/{slug(class_name)}/{name}.json"
+    def inpaint_record(self, fold: int, class_name: str, name: str, method: str = "inpaint") -> str:
+        return f"{self.inpaint_records(fold, method)}/{slug(class_name)}/{name}.json"
 
     def topup(self, fold: int) -> str:
         """The teacher's top-up images (text-to-image after label's rejections), laid out like generate's."""

@@ -304,9 +304,11 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
             per_class = ip.images_per_class or g.images_per_class
             n = len(folds) * len(classes) * per_class
             steps = max(1, round((ip.steps or g.steps) * ip.strength))  # img2img denoises strength x steps
+            if lab.method == "inpaint_outpaint":  # step 2 is a second pipeline call on the same image
+                steps += max(1, round((ip.steps or g.steps) * lab.outpaint.strength))
             rate, row = generation_rate(gpu_type, g.batched_pipeline, steps, g.width, g.height)
             plans.append(StagePlan(
-                "label", f"inpaint: {n:,} images ({len(folds)} folds x {len(classes)} classes x {per_class}), "
+                "label", f"{lab.method}: {n:,} images ({len(folds)} folds x {len(classes)} classes x {per_class}), "
                 f"{steps} denoising steps each", gen_gpus, _hours(n / rate), _hours(n / rate / gen_gpus),
                 g.device != "cpu", note(row), {"images": n}))
 

@@ -72,6 +72,10 @@ def test_label_config_checks_and_defaults():
     assert load_config(builtin_config("t2id-cas")).label.method == "teacher"
     with pytest.raises(ConfigError, match="label.teacher.cpus"):
         validate_config({"label": {"teacher": {"cpus": 0}}})
+    with pytest.raises(ConfigError, match="label.outpaint.strength"):
+        validate_config({"label": {"method": "inpaint_outpaint", "outpaint": {"strength": 0}}})
+    with pytest.raises(ConfigError, match="layout_lora but label.method is inpaint_outpaint"):  # as for inpaint
+        validate_config({"lora": {"method": "layout_lora"}, "label": {"method": "inpaint_outpaint"}})
 
 
 def test_settings_hold_the_cross_section_inputs_of_the_labeler_in_use():
@@ -107,6 +111,10 @@ def test_settings_hold_the_cross_section_inputs_of_the_labeler_in_use():
     # label.inpaint overrides generate's value: then generate's no longer matters
     assert digest(label={**inpaint, "inpaint": {"steps": 4}}, generate={"steps": 3}) == \
         digest(label={**inpaint, "inpaint": {"steps": 4}})
+    # label.outpaint re-runs label for inpaint_outpaint only
+    both, outpaint = {"method": "inpaint_outpaint"}, {"outpaint": {"keep_margin": 0.3}}
+    assert digest(label={**both, **outpaint}) != digest(label=both) != digest(label=inpaint)
+    assert digest(label={**inpaint, **outpaint}) == digest(label=inpaint)
 
 
 # --- teacher gate ------------------------------------------------------------------------------------
@@ -277,6 +285,7 @@ def test_inpaint_stage_keeps_source_boxes_changes_only_the_mask_and_runs_once(ph
     train = {r["image_id"]: r for r in load_fold_rows(store, 1, "train").to_pylist()}
     for row in labels:
         assert row["label_source"] == "inpaint" and row["source"] == "synthetic"
+        assert row["method"] == "inpaint" and row["adapter_method"] == "lora"  # the generator; its adapter's recipe
         source = train[row["source_image_id"]]  # a real TRAIN image of the fold holding the target class
         assert row["boxes"] == source["boxes"]  # inherited exactly
         assert any(b["class_id"] == row["class_id"] for b in row["boxes"])
@@ -361,3 +370,73 @@ def test_inpaint_tops_up_after_memorization_rejections_then_reports_the_shortfal
     facts = outcome[0].summary["folds"]["0"]
     assert facts["topup_rounds"] == 0 and facts["made"] == 0 and facts["removed_stale"] == 4  # 2 PNG + 2 JSON
     assert len(store.list("label/fold=0/inpaint/images")) == 4
+
+
+# --- inpaint then outpaint ----------------------------------------------------------------------------
+
+def test_inpaint_outpaint_keeps_step1_regenerates_the_border_drops_its_boxes_and_runs_once(phantom_run, ray_local):
+    """Step 1 is the inpaint method's image (same seed, source, masks: the inpaint run's images are the
+    reference, reused when the inpaint test ran first); inside keep it stays pixel-exact, outside keep it is
+    regenerated; boxes are kept/dropped by a hand computation of keep; a forced rerun redoes nothing."""
+    from t2id.label.inpaint import mask_array, plan_inpaint
+    from t2id.label.outpaint import outpaint_seed
+    from t2id.generate.plan import PlanClass
+
+    tmp, store = phantom_run
+    names = {TRACHEAL_RING: "tracheal ring", VOCAL_FOLD: "vocal fold"}  # lora.target_classes' default
+    inpaint, margin, keep_margin = {"box_margin": 0.1, "images_per_class": 1}, 0.1, 0.75
+    run_pipeline(validate_config(make_config(tmp, method="inpaint", folds=[1], inpaint=inpaint)), only="label",
+                 stages=stages("data", "split", "label"))
+    step1 = {r["class_id"]: r for r in store.read_table("label/fold=1/labels.parquet").to_pylist()}
+    label = {"method": "inpaint_outpaint", "folds": [1], "inpaint": inpaint, "outpaint": {"keep_margin": keep_margin}}
+    cfg = validate_config(make_config(tmp, **label))
+    outcome = run_pipeline(cfg, only="label", stages=stages("data", "split", "label"))
+    facts = outcome[0].summary["folds"]["1"]
+    labels = store.read_table("label/fold=1/labels.parquet").to_pylist()
+    assert len(labels) == 2 and facts["made"] == 2 and len(store.list("label/fold=1/inpaint_outpaint/images")) == 2
+    train = {r["image_id"]: r for r in load_fold_rows(store, 1, "train").to_pylist()}
+    kept_others = dropped_total = 0
+    for row in labels:
+        ref = step1[row["class_id"]]
+        assert (row["seed"], row["source_image_id"], row["mask_rects"]) == \
+            (ref["seed"], ref["source_image_id"], ref["mask_rects"])
+        assert row["method"] == row["label_source"] == "inpaint_outpaint" and row["adapter_method"] == "lora"
+        seeds = json.loads(row["step_seeds"])
+        assert seeds == {"inpaint": row["seed"], "outpaint": outpaint_seed(row["seed"], 1, names[row["class_id"]], 0)}
+        assert seeds["outpaint"] != row["seed"]  # distinct sub-seeds
+        # keep by hand: the target boxes grown by box_margin (clipped), their bounding box grown by keep_margin
+        source = train[row["source_image_id"]]
+        grown = [(max(0, b["x"] - b["w"] * (0.5 + margin)), max(0, b["y"] - b["h"] * (0.5 + margin)),
+                  min(1, b["x"] + b["w"] * (0.5 + margin)), min(1, b["y"] + b["h"] * (0.5 + margin)))
+                 for b in source["boxes"] if b["class_id"] == row["class_id"]]
+        x0, y0 = min(g[0] for g in grown), min(g[1] for g in grown)
+        x1, y1 = max(g[2] for g in grown), max(g[3] for g in grown)
+        keep = (max(0, x0 - keep_margin * (x1 - x0)), max(0, y0 - keep_margin * (y1 - y0)),
+                min(1, x1 + keep_margin * (x1 - x0)), min(1, y1 + keep_margin * (y1 - y0)))
+        assert json.loads(row["keep_rect"]) == pytest.approx(list(keep), abs=1e-9)
+        inside = [b["x"] - b["w"] / 2 >= keep[0] - 1e-6 and b["x"] + b["w"] / 2 <= keep[2] + 1e-6
+                  and b["y"] - b["h"] / 2 >= keep[1] - 1e-6 and b["y"] + b["h"] / 2 <= keep[3] + 1e-6
+                  for b in source["boxes"]]
+        assert row["boxes"] == [b for b, i in zip(source["boxes"], inside) if i]
+        assert row["dropped_boxes"] == [b for b, i in zip(source["boxes"], inside) if not i]
+        assert row["dropped_count"] == len(row["dropped_boxes"])
+        assert all(b in row["boxes"] for b in source["boxes"] if b["class_id"] == row["class_id"])  # by construction
+        kept_others += sum(1 for b in row["boxes"] if b["class_id"] != row["class_id"])
+        dropped_total += row["dropped_count"]
+        # pixels: inside keep = step 1 exactly; outside keep regenerated
+        image, first = read_pixels(store, row["uri"]).astype(int), read_pixels(store, ref["uri"]).astype(int)
+        inside_keep = mask_array([keep], 64, 64) > 0
+        assert inside_keep.any() and not inside_keep.all()
+        assert np.abs(image - first)[inside_keep].max() == 0
+        assert np.abs(image - first)[~inside_keep].mean() > 5
+    assert facts["dropped_boxes"] == dropped_total > 0 and kept_others > 0  # the rule was exercised both ways
+    # A changed outpaint setting changes every row's params digest (the rows are redone); a rerun redoes nothing.
+    s = settings(cfg)
+    classes = [PlanClass(n, i, ("p",)) for i, n in names.items()]
+    other = settings(validate_config(make_config(tmp, **{**label, "outpaint": {"keep_margin": 0.3}})))
+    digests = [{r["params_digest"] for r in plan_inpaint(store, x, 1, classes, "")} for x in (s, other)]
+    assert not digests[0] & digests[1]
+    before = {k: store.sha256(k) for k in store.list("label/fold=1/inpaint_outpaint")}
+    outcome = run_pipeline(cfg, only="label", force="label", stages=stages("data", "split", "label"))
+    assert outcome[0].summary["folds"]["1"]["reused"] == 2 and outcome[0].summary["folds"]["1"]["made"] == 0
+    assert {k: store.sha256(k) for k in store.list("label/fold=1/inpaint_outpaint")} == before

@@ -35,8 +35,9 @@ class EvaluateSettings(StageSettings):
         """Which synthetic images are measured, as the table says it."""
         if self.label_method is None:
             return "generate: kept text-to-image samples"
-        what = "inpainted copies of real training images" if self.label_method == "inpaint" else \
-            "teacher-labelled text-to-image samples"
+        what = {"inpaint": "inpainted copies of real training images",
+                "inpaint_outpaint": "inpainted, then outpainted copies of real training images"}.get(
+            self.label_method, "teacher-labelled text-to-image samples")
         return f"label ({self.label_method}): kept, boxed rows the detector trains on ({what})"
 
 

@@ -4,7 +4,7 @@ For each target class of a fold (lora.target_classes), N images:
   1. Plan: index i gets a seed from the generate helper's `derive_seed` (namespace 'inpaint:<class>'),
      a source = one of the fold's real TRAIN images holding the class (picked by the seed), and a mask =
      each of the source's target-class boxes grown by label.inpaint.box_margin. Names and keys follow
-     generate's `image_name`, under layout.label.inpaint(k)/{images,records}/<class-slug>/.
+     generate's `image_name`, under layout.label.inpaint(k, label.method)/{images,records}/<class-slug>/.
   2. Verify and run exactly once with generate's machinery (t2id.generate.core): `verified_records`
      finds rows already done (record present, same parameters, PNG checksum matches); the executor
      the stage hands in (generate's Ray Data layer) runs the rest on an actor pool of
@@ -16,9 +16,11 @@ For each target class of a fold (lora.target_classes), N images:
      mask with the class prompt, and pastes the result into the source inside the mask only: the VAE
      round trip would otherwise alter every pixel (diffusers' `apply_overlay` does the same), and
      the inherited boxes of the untouched structures must stay true.
-  4. Rows: SYNTHETIC_SCHEMA with the source's boxes copied exactly, label_source 'inpaint', plus the
-     source image id and the mask rectangles.
+  4. Rows: SYNTHETIC_SCHEMA with the source's boxes copied exactly, label_source and method 'inpaint'
+     (adapter_method: the adapter's lora.method), plus the source image id and the mask rectangles.
 The inpainted image is mostly real, so the optional CLIP-score gate of generate is not applied.
+label.method inpaint_outpaint (t2id.label.outpaint) plans the same rows, adds step 2 to the render, and
+keeps only the boxes step 2 left untouched.
 """
 
 from __future__ import annotations
@@ -88,13 +90,15 @@ class InpaintGenerator(ImageGenerator):
                  endpoint_url: str | None = None, device: str = "cpu", torch_threads: int | None = None) -> None:
         s = LabelSettings.model_validate(settings.model_dump())
         if s.inpainting is None:
-            raise ValueError("InpaintGenerator needs label settings of the inpaint method (label.method: inpaint)")
+            raise ValueError("InpaintGenerator needs label settings of an inpaint method (label.method: inpaint or "
+                             "inpaint_outpaint)")
         # loads the fold's SDXL pipeline + adapter, scheduler, quality gate
         super().__init__(s.inpainting, store, fold, cache_dir, endpoint_url, device, torch_threads)
         from diffusers import StableDiffusionXLInpaintPipeline
 
         self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.pipe)  # shares the components
         self.inpaint.set_progress_bar_config(disable=True)
+        self.label = s.label
         self.strength = s.label.inpaint.strength
         self._rows: list[tuple[str, list[Rect]]] = []
 
@@ -108,18 +112,21 @@ class InpaintGenerator(ImageGenerator):
         images = []
         for (source_key, rects), prompt, negative, seed in zip(self._rows, prompts, negative_prompts, seeds):
             source = source_pixels(self.store, source_key, self.width, self.height)
-            mask = mask_array(rects, self.width, self.height)
-            generator = torch.Generator(self.device).manual_seed(int(seed))
-            with torch.inference_mode():
-                out = self.inpaint(prompt=prompt, negative_prompt=negative if negative.strip() else None,
-                                   image=Image.fromarray(source),
-                                   mask_image=Image.fromarray(mask), strength=self.strength,
-                                   num_inference_steps=self.steps, guidance_scale=self.guidance,
-                                   width=self.width, height=self.height, generator=generator, output_type="np")
-            painted = (np.clip(out.images[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
-            inside = mask[:, :, None] > 0
-            images.append(np.where(inside, painted, source))  # step 3: outside the mask the source stays
+            images.append(self.paint(source, mask_array(rects, self.width, self.height), prompt, negative, seed,
+                                     self.strength))
         return images
+
+    def paint(self, image: np.ndarray, mask: np.ndarray, prompt: str, negative: str, seed: int,
+              strength: float) -> np.ndarray:
+        """`image` repainted inside `mask` (uint8 H x W, 255 = repaint) with one pipeline call, pasted there only."""
+        generator = torch.Generator(self.device).manual_seed(int(seed))
+        with torch.inference_mode():
+            out = self.inpaint(prompt=prompt, negative_prompt=negative if negative.strip() else None,
+                               image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
+                               num_inference_steps=self.steps, guidance_scale=self.guidance,
+                               width=self.width, height=self.height, generator=generator, output_type="np")
+        painted = (np.clip(out.images[0], 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        return np.where(mask[:, :, None] > 0, painted, image)  # step 3: outside the mask the image stays
 
 
 def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanClass], lora_sha256: str,
@@ -128,8 +135,11 @@ def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
 
     `ranges` (class name -> (first index, count)) plans a top-up round; default: indices 0..N-1 of every
     class. An index always gets the same seed, source and mask, whichever round plans it."""
+    from t2id.label.outpaint import keep_rect, outpaint_seed
+
     assert s.inpainting is not None
-    gen, inp = s.inpainting, s.label.inpaint
+    gen, inp, out = s.inpainting, s.label.inpaint, s.label.outpaint
+    method = s.label.method
     g = gen.generate
     train = load_fold_rows(store, fold, "train").to_pylist()
     params = gen_params(gen, lora_sha256)
@@ -145,15 +155,22 @@ def plan_inpaint(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
             rects = mask_rects(source["boxes"], cls.class_id, inp.box_margin)
             prompt = cls.prompts[index % len(cls.prompts)]
             name = image_name(fold, cls.name, index, seed)
-            digest = hashlib.sha256(json.dumps({
+            parts: dict[str, Any] = {
                 "generate": params_digest(prompt, seed, params), "source": source["sha256"], "rects": rects,
-                "strength": inp.strength, "method": "inpaint-in-box/v1"}, sort_keys=True).encode()).hexdigest()
-            rows.append({
+                "strength": inp.strength, "method": "inpaint-in-box/v1"}
+            extra: dict[str, Any] = {}
+            if method == "inpaint_outpaint":  # step 2 (t2id.label.outpaint)
+                keep, seed2 = keep_rect(rects, out.keep_margin), outpaint_seed(seed, fold, cls.name, index)
+                extra = {"keep_rect": json.dumps(keep), "outpaint_seed": seed2}
+                parts.update(method="inpaint-then-outpaint/v1", keep=keep, outpaint_seed=seed2,
+                             outpaint_strength=out.strength, outpaint_prompt=out.prompt or prompt)
+            digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+            rows.append({**extra,
                 "fold": fold, "class_id": cls.class_id, "class_name": cls.name, "index": index, "round": round_,
                 "seed": seed,
                 "prompt": prompt, "negative_prompt": g.negative_prompt, "name": name,
-                "key": layout.label.inpaint_image(fold, cls.name, name),
-                "record_key": layout.label.inpaint_record(fold, cls.name, name),
+                "key": layout.label.inpaint_image(fold, cls.name, name, method),
+                "record_key": layout.label.inpaint_record(fold, cls.name, name, method),
                 "params_digest": digest, "source_key": store.key_of(source["uri"]),
                 "source_image_id": source["image_id"], "source_boxes": source["boxes"],
                 "mask_rects": json.dumps(rects),
@@ -172,12 +189,17 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
     events = events or LogEvents()
     gen = s.inpainting
     g = gen.generate
-    if int(g.steps * s.label.inpaint.strength) < 1:  # the pipeline denoises only the last strength x steps
-        raise UserError(f"label.inpaint.strength={s.label.inpaint.strength} x steps={g.steps} leaves no denoising "
-                        "step; raise label.inpaint.steps or label.inpaint.strength")
+    strengths = {"label.inpaint.strength": s.label.inpaint.strength}
+    if s.label.method == "inpaint_outpaint":
+        strengths["label.outpaint.strength"] = s.label.outpaint.strength
+    for field, strength in strengths.items():
+        if int(g.steps * strength) < 1:  # the pipeline denoises only the last strength x steps
+            raise UserError(f"{field}={strength} x steps={g.steps} leaves no denoising step; raise "
+                            f"label.inpaint.steps or {field}")
     lora_sha256 = store.sha256(gen.generator_key(fold)) if gen.use_adapter else ""
     plan = plan_inpaint(store, s, fold, classes, lora_sha256, ranges, round_)
-    records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold))), need_clip=False)
+    records = verified_records(store, plan, set(store.list(layout.label.inpaint(fold, s.label.method))),
+                               need_clip=False)
     reused = len(records)
     todo = [r for r in plan if r["key"] not in records]
     if todo:
@@ -191,10 +213,11 @@ def inpaint_fold(store: Store, s: LabelSettings, fold: int, classes: list[PlanCl
     return rows, {"planned": len(plan), "made": len(plan) - reused, "reused": reused}
 
 
-def remove_stale_inpaint(store: Store, fold: int, rows: list[dict]) -> int:
-    """Delete inpainted images/records of the fold that no round of the current plan names (an older
-    config's), so the store holds exactly what labels.parquet lists."""
-    return remove_stale(store, rows, [layout.label.inpaint_images(fold), layout.label.inpaint_records(fold)])
+def remove_stale_inpaint(store: Store, fold: int, rows: list[dict], method: str = "inpaint") -> int:
+    """Delete inpainted images/records of the fold and method that no round of the current plan names (an
+    older config's), so the method's folder holds exactly what labels.parquet lists."""
+    return remove_stale(store, rows, [layout.label.inpaint_images(fold, method),
+                                      layout.label.inpaint_records(fold, method)])
 
 
 def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict:
@@ -202,18 +225,26 @@ def inpaint_row(store: Store, row: dict, record: dict, s: LabelSettings) -> dict
     assert s.inpainting is not None
     g = s.inpainting.generate
     verdict = judge(record["std"], record["entropy"], None, g.quality)  # current thresholds
-    out = {name: None for name in SYNTHETIC_SCHEMA.names}
+    out: dict[str, Any] = {name: None for name in SYNTHETIC_SCHEMA.names}
+    boxes = [dict(b) for b in row["source_boxes"]]
+    if s.label.method == "inpaint_outpaint":  # boxes whose pixels step 2 regenerated are dropped, and recorded
+        from t2id.label.outpaint import split_boxes
+
+        boxes, dropped = split_boxes(boxes, tuple(json.loads(row["keep_rect"])))
+        out.update(keep_rect=row["keep_rect"], dropped_boxes=dropped, dropped_count=len(dropped),
+                   step_seeds=json.dumps({"inpaint": row["seed"], "outpaint": row["outpaint_seed"]}))
     out.update({
         "image_id": image_id_of(record["sha256"]), "uri": store.ref(row["key"]),
         "width": record["width"], "height": record["height"],
         "group": f"synthetic-fold{row['fold']}-{layout.slug(row['class_name'])}", "source": "synthetic",
-        "boxes": [dict(b) for b in row["source_boxes"]], "sha256": record["sha256"], "fold": row["fold"],
+        "boxes": boxes, "sha256": record["sha256"], "fold": row["fold"],
         "class_id": row["class_id"], "prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
         "seed": row["seed"], "steps": g.steps, "guidance": g.guidance, "scheduler": g.scheduler,
         "base_model": record["base_model"], "lora_sha256": record["lora_sha256"], "entropy": record["entropy"],
         "std": record["std"], "clip_score": None, "kept": verdict.kept,
-        "reject_reason": verdict.reject_reason or None, "label_source": "inpaint",
-        "method": s.inpainting.method,  # the recipe of the fold's generator that inpainted (lora.method)
+        "reject_reason": verdict.reject_reason or None, "label_source": s.label.method,
+        "method": s.label.method,  # the generator (issue 20's name): inpaint | inpaint_outpaint
+        "adapter_method": s.inpainting.method,  # the recipe of the fold's adapter that inpainted (lora.method)
         "source_image_id": row["source_image_id"], "mask_rects": row["mask_rects"], "round": row["round"],
         "key": row["key"], "record_key": row["record_key"],
     })

@@ -2,9 +2,10 @@
 
 Only the labeler in use contributes cross-section values: the teacher's detector settings
 (label.teacher.detector, else grid.detector) for `teacher`; generate's settings with the
-label.inpaint overrides for `inpaint` (which also carry lora.target_classes, lora.base_model and
-lora.allow_network). The runner hashes this model into the marker; the teacher's Ray task and
-the inpainting actors build themselves from it.
+label.inpaint overrides for `inpaint` and `inpaint_outpaint` (which also carry lora.target_classes,
+lora.base_model and lora.allow_network); label.outpaint counts only for `inpaint_outpaint`. The
+runner hashes this model into the marker; the teacher's Ray task and the inpainting actors build
+themselves from it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from t2id.detect.config import DetectorConfig
 from t2id.generate.config import GenerateConfig
 from t2id.generate.settings import GenerateSettings
 from t2id.generate.settings import settings as generate_settings
-from t2id.label.config import LabelConfig
+from t2id.label.config import LabelConfig, OutpaintConfig
 
 if TYPE_CHECKING:
     from t2id.config import T2IDConfig
@@ -78,6 +79,8 @@ def topup_settings(cfg: T2IDConfig) -> GenerateSettings:
 
 def settings(cfg: T2IDConfig) -> LabelSettings:
     lab = cfg.label
+    if lab.method != "inpaint_outpaint":  # its step-2 settings are unused: changing them does not re-run label
+        lab = lab.model_copy(update={"outpaint": OutpaintConfig()})
     seed = cfg.run.seed if lab.seed is None else lab.seed
     teacher = lab.method == "teacher"
     topup = teacher and lab.max_attempts_factor > 1

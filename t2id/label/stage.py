@@ -5,7 +5,8 @@ Per fold k (label.folds, default every fold; keys from t2id.layout.label):
      (t2id.label.teacher; trained on the fold's real TRAIN images only) and the class-consistency
      gate, in one Ray task per fold with the teacher's resources (t2id.label.ray_layer);
      inpaint: new images are made from the fold's real TRAIN images (t2id.label.inpaint) on
-     generate's Ray Data machinery, and inherit their boxes.
+     generate's Ray Data machinery, and inherit their boxes; inpaint_outpaint (t2id.label.outpaint)
+     also regenerates the border, and inherits the boxes it left untouched.
   2. Memorization: each row's similarity to the nearest image its generator trained on (the lora
      stage's train_ids.json when lora runs; else the fold's real TRAIN images), flag and optionally
      reject.
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from t2id import layout
-from t2id.data.manifest import (SYNTHETIC_SCHEMA, available_folds, load_classes, load_fold_rows, load_manifest,
+from t2id.data.manifest import (BOX_TYPE, SYNTHETIC_SCHEMA, available_folds, load_classes, load_fold_rows, load_manifest,
                                 select_folds)
 from t2id.errors import UserError
 from t2id.generate.plan import PlanClass
@@ -52,6 +53,13 @@ LABELS_SCHEMA = pa.schema(list(SYNTHETIC_SCHEMA) + [
     pa.field("source_image_id", pa.string()),  # inpaint: the real image that was inpainted
     pa.field("mask_rects", pa.string()),  # inpaint: JSON list of normalized [x0, y0, x1, y1] masks
     pa.field("round", pa.int32()),  # 0: the first candidates; k: the k-th top-up round after label's rejections
+    pa.field("adapter_method", pa.string()),  # inpaint*: lora.method of the adapter that painted (`method` holds
+    #                                           the generator: inpaint | inpaint_outpaint)
+    # inpaint_outpaint only (t2id.label.outpaint):
+    pa.field("keep_rect", pa.string()),  # JSON normalized [x0, y0, x1, y1]: kept from step 1; outside was outpainted
+    pa.field("dropped_boxes", pa.list_(BOX_TYPE)),  # source boxes crossing or outside keep (pixels regenerated)
+    pa.field("dropped_count", pa.int32()),  # len(dropped_boxes)
+    pa.field("step_seeds", pa.string()),  # JSON {"inpaint": step 1's seed (= seed), "outpaint": step 2's sub-seed}
 ])
 
 
@@ -140,9 +148,11 @@ def inpaint_pool(ctx: StageContext, s: LabelSettings) -> WarmPool:
     """The stage's warm pool of inpainting actors: every fold and top-up round, one pipeline load per actor."""
     from t2id.generate.ray_layer import WarmPool
     from t2id.label.inpaint import InpaintGenerator
+    from t2id.label.outpaint import InpaintOutpaintGenerator
 
     assert s.inpainting is not None
-    return WarmPool(InpaintGenerator, s, ctx.store, s.inpainting.generate, str(ctx.cache_dir), ctx.endpoint_url)
+    worker = InpaintOutpaintGenerator if s.label.method == "inpaint_outpaint" else InpaintGenerator
+    return WarmPool(worker, s, ctx.store, s.inpainting.generate, str(ctx.cache_dir), ctx.endpoint_url)
 
 
 def inpaint_labels(ctx: StageContext, s: LabelSettings, folds: list[int], classes: list[PlanClass],
@@ -261,7 +271,7 @@ def top_up(ctx: StageContext, fold: int, rows: list[dict], classes: list[PlanCla
 
 
 def run(ctx: StageContext, s: LabelSettings) -> StageResult:
-    if s.label.method == "inpaint":
+    if s.label.method != "teacher":  # inpaint, inpaint_outpaint
         with inpaint_pool(ctx, s) as pool:
             return run_with(ctx, s, pool)
     return run_with(ctx, s, None)
@@ -308,7 +318,7 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
         else:
             rows, rounds = top_up(ctx, fold, rows, classes, target, budget, len,
                                   partial(inpaint_topup, ctx, s, classes, pool), score)
-            removed = remove_stale_inpaint(store, fold, rows)
+            removed = remove_stale_inpaint(store, fold, rows, lab.method)
         counts = class_counts(rows, names, target)
         fidelity = layout_fidelity(rows, names)
         if fidelity:
@@ -335,6 +345,8 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
                               "topped_up": sum(1 for r in rows if r["round"] > 0), "removed_stale": removed,
                               "classes": {c["class"]: {k: v for k, v in c.items() if k not in ("class", "class_id")}
                                           for c in counts}, **facts}
+        if lab.method == "inpaint_outpaint":  # nothing silently lost: boxes dropped with the regenerated border
+            summary[str(fold)]["dropped_boxes"] = sum(r["dropped_count"] for r in rows)
         if fidelity:
             summary[str(fold)]["layout_fidelity"] = {c["class"]: c["fidelity"] for c in fidelity}
         short = {c["class"]: c["shortfall"] for c in counts if c["shortfall"]}

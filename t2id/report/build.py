@@ -29,6 +29,9 @@ LABEL_METHODS = {
     "teacher": "pseudo-labelled by a detector trained on the fold's real training images (label.method: teacher)",
     "inpaint": "inherited from the real training image whose target-class boxes were inpainted "
                "(label.method: inpaint)",
+    "inpaint_outpaint": "inherited from the real training image whose target-class boxes were inpainted and whose "
+                        "surroundings were then outpainted, for the boxes wholly inside the kept rectangle "
+                        "(label.method: inpaint_outpaint; the regenerated border may hold unlabelled structures)",
 }
 
 

@@ -144,3 +144,39 @@ def test_synthetic_from_is_checked_before_any_trial(runs, tmp_path):
         plan_trials(this, s3, inputs)
     with pytest.raises(UserError, match=r"has no data/classes.json; run its data and split stages first"):
         plan_trials(this, settings(validate_config(_config(tmp, str(tmp_path / "nowhere")))), inputs)
+
+
+def test_grid_trains_on_the_other_runs_images_and_a_regenerated_set_retrains_only_its_trial(runs, ray_local,
+                                                                                           torch_one_thread):
+    """Real tiny YOLO, one fold, one seed: baseline + a T2ID-CAS on the other run's set. The synthetic trial's
+    dataset holds the other run's images (bytes from its store); a new set there retrains that trial only."""
+    from t2id.data.stage import STAGE as DATA
+    from t2id.grid.stage import STAGE as GRID
+    from t2id.split.stage import STAGE as SPLIT
+
+    this, other, tmp = runs
+    ids = write_other_labels(other, 0, 3)
+    cfg = validate_config(_config(tmp, other.root))
+    stages = {"data": DATA, "split": SPLIT, "grid": GRID}
+    grid = next(o for o in run_pipeline(cfg, stages=stages) if o.stage == "grid")
+    assert grid.status == "ran" and grid.summary["trials"] == 2 and grid.summary["reused"] == 0
+    metrics = json.loads(this.read_text(layout.grid.trial_metrics(0, "t2id_cas_other", 0)))
+    assert metrics["n_synthetic_train"] == 3
+    datasets = sorted((tmp / "cache" / "datasets").glob("fold0-*"))
+    with_ids = [d for d in datasets if all((d / "images" / "train" / f"{i}.png").is_file() for i in ids)]
+    assert len(datasets) == 2 and len(with_ids) == 1  # the baseline's dataset has no synthetic image
+    labels = other.read_table(layout.label.labels(0)).to_pylist()
+    for row in labels[:3]:
+        assert (with_ids[0] / "images" / "train" / f"{row['image_id']}.png").read_bytes() == \
+            other.read_bytes(other.key_of(row["uri"]))
+    assert not (with_ids[0] / "images" / "train" / f"{labels[3]['image_id']}.png").exists()  # rejected row
+    assert not this.exists(labels[0]["uri"])  # the images live in the other run only
+
+    # The other run regenerated (its label marker changed): the grid stage reruns and retrains that trial only.
+    write_other_labels(other, 0, 2)
+    grid = next(o for o in run_pipeline(cfg, stages=stages) if o.stage == "grid")
+    assert grid.status == "ran" and grid.summary["trials"] == 2 and grid.summary["reused"] == 1
+    trials = this.read_table(layout.grid.trials).to_pandas()
+    overall = trials[trials["class"] == "all classes"].set_index("strategy")
+    assert overall.loc["t2id_cas_other", "n_synthetic"] == 2 and overall.loc["baseline", "n_synthetic"] == 0
+    assert (overall["status"] == "ok").all()

@@ -162,3 +162,25 @@ def test_grid_runs_classifier_trials_on_ray_tune_and_the_report_tabulates_them(r
     assert recall.loc[classes[0], "cas"] == f"{expected * 100:.1f}"
     tests = pd.read_csv(io.StringIO(store.read_text(layout.report.table("significance.csv"))))
     assert tests["boot_resamples"].gt(0).any() and set(tests["strategy"]) == {"cas"}
+
+
+def test_synthetic_images_load_from_the_store_of_the_run_that_made_them(run, tmp_path):
+    """grid synthetic_from with run.task classify: another run's generated rows load from that run's store."""
+    import torch
+
+    from t2id.classify.train import decode, fold_images
+    from t2id.classify.trial import kept_synthetic
+    from t2id.errors import UserError
+    from t2id.store import open_store
+
+    _, store, _ = run
+    other = open_store(str(tmp_path / "other-run"))
+    table = kept_synthetic(synthetic_rows(store, 0, 2, 3))
+    for uri in table["uri"].to_pylist():  # the images move to the other run
+        other.write_bytes(uri, store.read_bytes(store.key_of(uri)))
+        store.delete(store.key_of(uri))
+    data = fold_images(store, 0, 32, table, synthetic_store=other)
+    assert data.train.shape[0] == data.n_real + 3 and list(data.train_labels[-3:]) == [2, 2, 2]
+    assert torch.equal(data.train[-1], decode(other.read_bytes(table["uri"][-1].as_py()), 32))
+    with pytest.raises(UserError):
+        fold_images(store, 0, 32, table)  # not in this run's store

@@ -343,3 +343,69 @@ def test_report_settings_name_exactly_what_the_report_prints():
     # without the label stage, label values do not reach the report at all
     no_label = {"run": {"id": "r", "stages": ["data", "split", "grid", "report"]}}
     assert digest(**no_label) == digest(**no_label, label={"memorization": {"threshold": 0.5}})
+
+
+def test_generator_comparison_table_reads_each_source_runs_manifests_and_evaluate_outputs(store, tmp_path):
+    """Fabricated grid results: t2id_cas on this run's images (lora, no method column in its manifests) and
+    t2id_cas_ddpm on another run's (synthetic_from, method ddpm, its own evaluate outputs) get a row each,
+    with FID/KID as each run's evaluate stage wrote them and the paired test the report computed."""
+    from t2id.report.stage import STAGE
+    from t2id.store import S3Store, open_store
+
+    trials = trials_table(store=store)
+    trials["strategy"] = trials["strategy"].replace({"noisy": "t2id_cas_ddpm"})
+    _fill_run(store, trials)
+    if isinstance(store, S3Store):  # the other run in the same bucket, opened with this run's endpoint
+        other_uri = f"s3://{store.bucket}/runs/ddpm-run"
+        other = S3Store(other_uri, endpoint_url=store.endpoint_url)
+    else:
+        other_uri = str(tmp_path / "runs" / "ddpm-run")
+        other = open_store(other_uri)
+    for fold in (0, 1):
+        other.write_table(layout.label.labels(fold), pa.Table.from_pylist(
+            [{"image_id": f"d{fold}", "kept": True, "label_source": "teacher", "method": "ddpm"}]))
+    other.write_table(layout.evaluate.metrics, pa.Table.from_pylist(
+        [{"fold": f, "class": "vocal fold", "fid": fid, "kid_mean": kid, "networks": "InceptionV3 (torchvision)"}
+         for f, fid, kid in ((0, 40.0, 0.02), (1, 44.0, 0.03))]))
+    config = validate_config({
+        "run": {"id": "r"},  # default lora.target_classes: tracheal ring, vocal fold
+        "grid": {"strategies": ["baseline", "cas", "t2id_cas", "t2id_cas_ddpm"],
+                 "custom_strategies": [{"name": "t2id_cas_ddpm", "sampling": "cas", "synthetic": True,
+                                        "synthetic_from": other_uri}]},
+        "report": {"bootstrap_samples": 50}})
+    ctx = StageContext(store=store, stage="report", cache_dir=tmp_path / "cache")
+    settings = STAGE.settings(config)
+    assert settings.synthetic_sources == {"t2id_cas": None, "t2id_cas_ddpm": other_uri}
+    assert settings.target_classes == ["tracheal ring", "vocal fold"]
+    STAGE.run(ctx, settings)
+
+    table = pd.read_csv(io.StringIO(store.read_text(layout.report.table("generators.csv"))),
+                        keep_default_na=False).set_index("strategy")
+    assert list(table.index) == ["t2id_cas", "t2id_cas_ddpm"]  # baseline and cas train on real images only
+    ddpm, own = table.loc["t2id_cas_ddpm"], table.loc["t2id_cas"]
+    assert (ddpm["generator"], ddpm["source run"]) == ("ddpm", other_uri)
+    assert (own["generator"], own["source run"]) == ("lora", "this run")
+    assert ddpm["synthetic images per fold"] == "fold 0: 6; fold 1: 6"
+    assert own["synthetic images per fold"] == "fold 0: skipped; fold 1: skipped"
+    assert ddpm["FID ↓"] == "42.00 ± 2.83 (n=2)" and ddpm["KID ×10³ ↓"] == "25.00 ± 7.07 (n=2)"
+    assert own["FID ↓"] == "12.50 (n=1)" and own["KID ×10³ ↓"] == "n/a"  # this run's evaluate wrote no kid_mean
+    # (t2id_cas trained on no fold: its generator and FID are still those of this run's folds)
+    stats = pd.read_csv(io.StringIO(store.read_text(layout.report.table("table_ii_stats.csv"))))
+    mean = stats[(stats["strategy"] == "t2id_cas_ddpm") & (stats["class"] == "vocal fold")].iloc[0]
+    assert ddpm["mAP50-95 vocal fold"].startswith(f"{mean['mean'] * 100:.1f} ± ") and \
+        ddpm["mAP50-95 vocal fold"].endswith("(n=4)")
+    assert own["mAP50-95 all classes"] == "—"
+    sig = pd.read_csv(io.StringIO(store.read_text(layout.report.table("significance.csv")))).set_index(
+        ["strategy", "class"])
+    assert ddpm["Δ vs baseline (pp), p"].startswith(f"{sig.loc[('t2id_cas_ddpm', ALL), 'mean_diff'] * 100:+.1f}")
+    assert ddpm["Δ vs baseline (pp), p"].endswith(f"p={sig.loc[('t2id_cas_ddpm', ALL), 'p_value']:.3g}")
+    assert " [" in ddpm["Δ vs baseline (pp), p"]  # the image-level interval, as in the comparison table
+    markdown = store.read_text(layout.report.report_md)
+    for text in ("Generator comparison", f"{other_uri}: InceptionV3 (torchvision)", "this run: not recorded",
+                 f"by (label_source): this run: teacher; {other_uri}: teacher"):
+        assert text in markdown, text
+    # New FID/KID in the other run re-render the report (the stage's external inputs).
+    before = STAGE.external_inputs(ctx, settings)
+    other.write_text(layout.marker("evaluate"), json.dumps({"outputs": {layout.evaluate.metrics: "x"}}))
+    after = STAGE.external_inputs(ctx, settings)
+    assert [k for k in after if after[k] != before[k]] == [f"synthetic_from:{other_uri}:evaluate"]

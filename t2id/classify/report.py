@@ -24,6 +24,7 @@ from t2id.report.build import (
     class_names,
     contact_sheets,
     fold_statement,
+    generator_block,
     networks_note,
     sample_rows,
     training_blocks,
@@ -169,6 +170,7 @@ def build_classify_report(store: Store, s: ReportSettings) -> tuple[list[Block],
         blocks.append(Table(f"{label} (%) per class and strategy, mean ± std over folds and seeds; the 'all classes' "
                             f"row is its macro mean{' (balanced accuracy)' if name == 'recall' else ''}; {n_text}",
                             tables.paper_headers(table), csv, best="max"))
+    tests = None
     if cfg.baseline in strategies and len(strategies) > 1:
         tests = tables.sign_flip(trials, cfg.baseline, metric, cfg.alpha, strategies, classes, s.seed)
         boot, unavailable = image_bootstrap(store, trials, cfg.baseline, strategies, classes, metric,
@@ -187,6 +189,7 @@ def build_classify_report(store: Store, s: ReportSettings) -> tuple[list[Block],
         blocks.append(Table(f"Δ {CLASS_METRICS[metric]} vs {cfg.baseline} (pp) [image-level CI] p; {n_text}",
                             tables.paper_headers(tables.comparison_table(tests, strategies, classes)),
                             "significance.csv"))
+    generator_block(blocks, csvs, store, s, trials, strategies, classes, metric, CLASS_METRICS[metric], tests)
     timing = tables.training_time(trials, strategies)
     if not timing.empty:
         csvs["training_time.csv"] = timing

@@ -70,18 +70,20 @@ def load_images(store, uris: list[str], size: int) -> torch.Tensor:
     return torch.stack([decode(store.read_bytes(store.key_of(uri)), size) for uri in uris])
 
 
-def fold_images(store, fold: int, size: int, synthetic: pa.Table | None = None) -> FoldImages:
-    """The fold's real train and val images from the run's store, plus kept synthetic rows (class = class_id)."""
+def fold_images(store, fold: int, size: int, synthetic: pa.Table | None = None, synthetic_store=None) -> FoldImages:
+    """The fold's real train and val images from the run's store, plus kept synthetic rows (class = class_id)
+    whose images resolve in `synthetic_store` (default: the run's store)."""
     from t2id.data.manifest import load_fold_rows
 
     train = load_fold_rows(store, fold, "train")
     val = load_fold_rows(store, fold, "val")
     train_labels = [image_label(b) for b in train["boxes"].to_pylist()]
-    uris = train["uri"].to_pylist()
+    images = load_images(store, train["uri"].to_pylist(), size)
     if synthetic is not None and synthetic.num_rows:
-        uris += synthetic["uri"].to_pylist()
+        extra = load_images(store if synthetic_store is None else synthetic_store, synthetic["uri"].to_pylist(), size)
+        images = torch.cat([images, extra])
         train_labels += [int(c) for c in synthetic["class_id"].to_pylist()]
-    return FoldImages(train=load_images(store, uris, size), train_labels=np.array(train_labels, np.int64),
+    return FoldImages(train=images, train_labels=np.array(train_labels, np.int64),
                       val=load_images(store, val["uri"].to_pylist(), size),
                       val_labels=np.array([image_label(b) for b in val["boxes"].to_pylist()], np.int64),
                       val_ids=val["image_id"].to_pylist(), n_real=train.num_rows)

@@ -65,11 +65,13 @@ def resolve_weights(weights: str | None, cache_dir: Path) -> Path | None:
 
 def classify_on_store(store: Store, fold: int, spec: StrategySpec, cfg: ClassifierConfig, classes: list[str],
                       cache_dir: Path, seed: int, synthetic: pa.Table | None = None, device: str = "cpu",
-                      budget: BudgetConfig | None = None) -> dict[str, Any]:
+                      budget: BudgetConfig | None = None, synthetic_store: Store | None = None) -> dict[str, Any]:
+    """One classifier training on `fold`; the synthetic rows' images resolve in `synthetic_store` (default:
+    the run store; another run's store for a strategy with synthetic_from)."""
     if spec.synthetic and synthetic is None:
         raise UserError(f"strategy {spec.name!r} trains on synthetic images but none were given for fold {fold}: "
                         f"run the generate stage first ({layout.generate.manifest(fold)})")
-    data = fold_images(store, fold, cfg.imgsz, synthetic if spec.synthetic else None)
+    data = fold_images(store, fold, cfg.imgsz, synthetic if spec.synthetic else None, synthetic_store=synthetic_store)
     out = train_classifier(data, spec, cfg, classes, seed, budget=budget, device=device,
                            weights=resolve_weights(cfg.weights, Path(cache_dir)))
     weights_key = layout.grid.weights(fold, spec.name, seed)

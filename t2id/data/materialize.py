@@ -6,7 +6,9 @@ is a hash of everything that decides its content (manifest, folds, classes, the 
 synthetic rows), so a matching folder is reused as is. It is built under a temp name and renamed
 into place, so a half-built dataset is never picked up, and parallel builders do not clash.
 Images come from the run store: hard links on a local store (no copy); from S3 each image is
-downloaded once into <cache>/images/ and hard-linked into every fold that uses it.
+downloaded once into <cache>/images/ and hard-linked into every fold that uses it. Synthetic rows may
+come from another run's store (`synthetic_store`, grid strategies with synthetic_from); their image ids
+and sha256 are in the content hash, so another run's set never reuses this run's folder.
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ def _fetch(run_store: Store, uri: str, dest: Path, shared: Path) -> None:
 
 
 def materialize_fold(run_store: Store, fold: int, cache_dir: str | os.PathLike[str],
-                     synthetic: pa.Table | None = None, workers: int = 8) -> FoldDataset:
-    """Fold `fold` as an ultralytics dataset (train: other folds + synthetic rows; val: this fold)."""
+                     synthetic: pa.Table | None = None, workers: int = 8,
+                     synthetic_store: Store | None = None) -> FoldDataset:
+    """Fold `fold` as an ultralytics dataset (train: other folds + synthetic rows; val: this fold).
+    The synthetic rows' `uri`s resolve in `synthetic_store` (default: the run store)."""
     names = load_classes(run_store)
     train = load_fold_rows(run_store, fold, "train").select(["image_id", "uri", "boxes"]).to_pylist()
     val = load_fold_rows(run_store, fold, "val").select(["image_id", "uri", "boxes"]).to_pylist()
@@ -106,18 +110,20 @@ def materialize_fold(run_store: Store, fold: int, cache_dir: str | os.PathLike[s
 
     tmp = root.with_name(f"{TMP_PREFIX}{root.name}-{uuid.uuid4().hex[:8]}")
     jobs = []
+    synthetic_store = run_store if synthetic_store is None else synthetic_store
     for part, rows in (("train", train + synthetic_rows), ("val", val)):
         (tmp / "images" / part).mkdir(parents=True, exist_ok=True)
         (tmp / "labels" / part).mkdir(parents=True, exist_ok=True)
-        for row in rows:
+        for i, row in enumerate(rows):
             ext = Path(row["uri"]).suffix.lower() or ".png"
-            jobs.append((row["uri"], tmp / "images" / part / f"{row['image_id']}{ext}"))
+            source = synthetic_store if part == "train" and i >= len(train) else run_store
+            jobs.append((source, row["uri"], tmp / "images" / part / f"{row['image_id']}{ext}"))
             (tmp / "labels" / part / f"{row['image_id']}.txt").write_text(_label_text(row["boxes"]))
     try:
         shared = Path(cache_dir).expanduser() / "images"
         shared.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda job: _fetch(run_store, *job, shared), jobs))
+            list(pool.map(lambda job: _fetch(*job, shared), jobs))
         spec = {"path": str(root.resolve()), "train": "images/train", "val": "images/val",
                 "nc": len(names), "names": dict(enumerate(names))}
         (tmp / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from t2id.configbase import Section
 from t2id.errors import UserError
@@ -85,6 +85,14 @@ class StrategySpec(Section):
         False, description="Weight the classification loss by inverse class frequency (ultralytics cls_pw=1)."
     )
     synthetic: bool = Field(False, description="Add the run's kept, labelled synthetic images to the train split.")
+    synthetic_from: str | None = Field(
+        None,
+        description="Train on ANOTHER t2id run's synthetic images instead of this run's (synthetic: true only): "
+                    "the root of that run in its store, a local folder (<store.uri>/<run.id>; a relative path is "
+                    "taken from the working directory, like store.uri) or s3://bucket/prefix/<run.id>, opened with "
+                    "this run's store settings. That run must have the same data and split as this one; it is how "
+                    "one grid compares generators (docs/generators.md, 'Comparing generators').",
+    )
     rfs_threshold: float = Field(
         0.5, gt=0, le=1,
         description="RFS threshold t in r_c = max(1, sqrt(t / f_c)). The paper does not state t; LVIS used 0.001 "
@@ -101,6 +109,25 @@ class StrategySpec(Section):
         if not re.fullmatch(r"[a-z0-9_]+", value):
             raise ValueError(f"strategy name {value!r} must match [a-z0-9_]+ (it becomes a store key)")
         return value
+
+    @model_validator(mode="after")
+    def _synthetic_from_needs_synthetic(self) -> StrategySpec:
+        if self.synthetic_from is not None:
+            if not self.synthetic:
+                raise ValueError(f"strategy {self.name!r}: synthetic_from is set but synthetic is false; set "
+                                 "synthetic: true to train on that run's synthetic images, or remove synthetic_from")
+            if not self.synthetic_from.strip():
+                raise ValueError(f"strategy {self.name!r}: synthetic_from is empty; give the other run's root "
+                                 "(e.g. runs/ddpm-run or s3://bucket/runs/ddpm-run), or remove it")
+            if "://" in self.synthetic_from and not self.synthetic_from.startswith("s3://"):
+                raise ValueError(f"strategy {self.name!r}: synthetic_from {self.synthetic_from!r}: use a local "
+                                 "folder or s3://bucket/prefix/<run id>")
+        return self
+
+    def identity(self) -> dict:
+        """The spec as a trial's identity holds it: synthetic_from only when set, so the trials of grids
+        from before the field existed keep their results."""
+        return self.model_dump(mode="json", exclude=None if self.synthetic_from else {"synthetic_from"})
 
 
 PRESETS: dict[str, StrategySpec] = {

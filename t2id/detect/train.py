@@ -246,14 +246,15 @@ def collect_result(trainer: T2IDDetectionTrainer, strategy: str, seconds: float)
 
 def detect_on_store(run_store, fold: int, strategy: StrategySpec | str, detector: DetectorConfig, cache_dir: Path,
                     seed: int, synthetic=None, device: str = "cpu", workers: int = 0,
-                    budget: BudgetConfig | None = None) -> DetectResult:
+                    budget: BudgetConfig | None = None, synthetic_store=None) -> DetectResult:
     """Materialize `fold` from the run store, train, and write the final weights, the per-image
     predictions and the metrics back under the grid's trial folder of (fold, strategy, seed).
 
     `budget` (default: BudgetConfig(), equal images seen = the fold's real training images x epochs)
     fixes the draws per epoch from the fold's REAL training images, whatever the strategy. A strategy
     with synthetic=True needs the run's labelled synthetic rows (`synthetic`, a pyarrow table); other
-    strategies ignore them.
+    strategies ignore them. `synthetic_store` is the store their image keys resolve in (default: the run
+    store; another run's store for a strategy with synthetic_from).
     """
     from t2id.data.materialize import materialize_fold
 
@@ -263,7 +264,8 @@ def detect_on_store(run_store, fold: int, strategy: StrategySpec | str, detector
         raise UserError(f"strategy {strategy.name!r} trains on synthetic images but none were given for fold "
                         f"{fold}: run the generate and label stages first ({layout.label.labels(fold)}).")
     cache_dir = Path(cache_dir)
-    fold_data = materialize_fold(run_store, fold, cache_dir, synthetic=synthetic if strategy.synthetic else None)
+    fold_data = materialize_fold(run_store, fold, cache_dir, synthetic=synthetic if strategy.synthetic else None,
+                                 synthetic_store=synthetic_store)
     n_real = len(fold_data.train_ids) - len(fold_data.synthetic_ids)
     budget_value, epoch_size = budget_epoch_size(budget, n_real, detector)
     work = cache_dir / "detect" / layout.grid.trial(fold, strategy.name, seed).replace("/", "_")

@@ -7,7 +7,9 @@ t2id.resume keeps a finished trial's result while its identity holds). Every tri
 the same compute budget (grid.budget), and reports its FINAL model (`selection: final`), with
 mAP from its stored per-image predictions. Strategies with synthetic images (baseline_sdxl,
 rfs_sdxl, t2id_cas) train on the fold's kept, labelled rows of the label stage; a fold without them
-records its trials as skipped, with the reason, instead of dropping them.
+records its trials as skipped, with the reason, instead of dropping them. A strategy with
+`synthetic_from` trains on another run's synthetic set instead (t2id.grid.sources): the trial then
+carries that run's root as `synthetic_from`, and its identity that set's sha256.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from t2id import layout
+from t2id.grid import sources
 from t2id.grid.settings import GridSettings
 from t2id.store import Store
 
@@ -68,17 +71,22 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
 
     classes = load_classes(store)
     folds = select_folds(store, s.grid.folds, "grid.folds")
+    others = sources.open_sources(store, s)  # other runs' stores, split-checked before any trial
     trials, skipped = [], []
     classify = s.task == "classify"
     if classify:
         from t2id.classify.trial import synthetic_status as classify_synthetic_status
     for fold in folds:
         if classify:
-            syn_key, n_syn, reason = classify_synthetic_status(store, s.use_synthetic, fold)
+            own = classify_synthetic_status(store, s.use_synthetic, fold)
         else:
-            syn_key, n_syn, reason = synthetic_status(store, s, fold)
+            own = synthetic_status(store, s, fold)
+        status = {None: own, **{uri: sources.source_status(other, uri, s.task, fold) for uri, other in others.items()}}
         for strategy in s.grid.strategies:
             spec = s.grid.strategy_spec(strategy)
+            source = spec.synthetic_from if spec.synthetic else None
+            syn_store = others[source] if source else store
+            syn_key, n_syn, reason = status[source]
             for seed in s.seeds:
                 if spec.synthetic and syn_key is None:
                     skipped.extend(skipped_rows(fold, strategy, seed, classes, f"needs synthetic images: {reason}",
@@ -87,12 +95,15 @@ def plan_trials(store: Store, s: GridSettings, inputs: dict[str, str]
                 # A trial's published result is reused only while everything it was trained from is unchanged.
                 model = ({"classifier": s.grid.classifier.model_dump(mode="json")} if classify else
                          {"detector": s.grid.detector.model_dump(mode="json")})
-                identity = {"fold": fold, "strategy": spec.model_dump(mode="json"), **model, "seed": seed,
+                # (the synthetic rows' sha256 covers another run's set too: regenerating it retrains these trials only)
+                identity = {"fold": fold, "strategy": spec.identity(), **model, "seed": seed,
                             "budget": s.grid.budget.model_dump(mode="json"), "selection": "final",
-                            "inputs": inputs, "synthetic": store.sha256(syn_key) if spec.synthetic else None}
+                            "inputs": inputs, "synthetic": syn_store.sha256(syn_key) if spec.synthetic else None}
                 trials.append({"name": layout.grid.trial_name(fold, strategy, seed), "fold": fold,
                                "strategy": strategy, "seed": seed,
                                "synthetic_key": syn_key if spec.synthetic else None,
+                               # the other run's root, resolved here: Tune workers run in their own folders
+                               "synthetic_from": syn_store.uri() if source else None,
                                "n_synthetic": n_syn if spec.synthetic else 0, "identity": identity})
     return trials, skipped, folds, classes
 
@@ -107,14 +118,15 @@ def detect_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir
     from t2id.detect.train import detect_on_store
     from t2id.devices import resolve_device, ultralytics_device
 
+    source = sources.open_source(store, trial["synthetic_from"]) if trial.get("synthetic_from") else store
     synthetic = None
     if trial.get("synthetic_key"):
-        synthetic = usable_synthetic(store.read_table(trial["synthetic_key"]))
+        synthetic = usable_synthetic(source.read_table(trial["synthetic_key"]))
     # Ray sets CUDA_VISIBLE_DEVICES per trial, so a trial given a GPU (or a share of one) sees it first.
     device = resolve_device("cuda" if s.grid.gpus_per_trial > 0 else "cpu", "grid.gpus_per_trial")
     result = detect_on_store(store, trial["fold"], s.grid.strategy_spec(trial["strategy"]), s.grid.detector,
                              Path(cache_dir), trial["seed"], synthetic=synthetic, device=ultralytics_device(device),
-                             workers=s.grid.workers, budget=s.grid.budget)
+                             workers=s.grid.workers, budget=s.grid.budget, synthetic_store=source)
     if trial["seed"] == s.seeds[0]:
         store.write_file(layout.grid.weights(trial["fold"], trial["strategy"]), result.weights)
     return result.record
@@ -126,11 +138,12 @@ def classify_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_d
     from t2id.data.manifest import load_classes
     from t2id.devices import resolve_device
 
-    synthetic = kept_synthetic(store.read_table(trial["synthetic_key"])) if trial.get("synthetic_key") else None
+    source = sources.open_source(store, trial["synthetic_from"]) if trial.get("synthetic_from") else store
+    synthetic = kept_synthetic(source.read_table(trial["synthetic_key"])) if trial.get("synthetic_key") else None
     device = resolve_device("cuda" if s.grid.gpus_per_trial > 0 else "cpu", "grid.gpus_per_trial")
     return classify_on_store(store, trial["fold"], s.grid.strategy_spec(trial["strategy"]), s.grid.classifier,
                              load_classes(store), Path(cache_dir), trial["seed"], synthetic=synthetic,
-                             device=str(device), budget=s.grid.budget)
+                             device=str(device), budget=s.grid.budget, synthetic_store=source)
 
 
 def task_trial(trial: dict[str, Any], s: GridSettings, store: Store, cache_dir: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from t2id import layout
 from t2id.errors import UserError
+from t2id.grid import sources
 from t2id.grid.core import plan_trials, tables, task_trial
 from t2id.grid.ray_layer import TrialFn, raise_on_errors, run_trials
 from t2id.grid.settings import GridSettings, settings
@@ -77,7 +78,11 @@ def build_stage(trial_fn: TrialFn = task_trial) -> Stage[GridSettings]:
     def run(ctx: StageContext, s: GridSettings) -> StageResult:
         return run_grid(ctx, s, trial_fn)
 
-    return Stage(name="grid", settings=settings, depends_on=("data", "split", "label"), run=run)
+    def external_inputs(ctx: StageContext, s: GridSettings) -> dict[str, str]:
+        return sources.external_inputs(ctx.store, s)
+
+    return Stage(name="grid", settings=settings, depends_on=("data", "split", "label"), run=run,
+                 external_inputs=external_inputs)
 
 
 STAGE = build_stage()

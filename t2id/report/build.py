@@ -299,6 +299,19 @@ def training_blocks(blocks: list, csvs: dict, trials, strategies: list[str], per
         blocks.append(Table("Budget and compute per strategy", budget.set_index("strategy"), "budgets.csv"))
 
 
+def generator_block(blocks: list, csvs: dict, store: Store, s: ReportSettings, trials, strategies: list[str],
+                    classes: list[str], metric: str, label: str, tests) -> None:
+    """The generator comparison table (both tasks' reports) when the grid trains on synthetic images."""
+    from t2id.report.generators import generator_table
+
+    found = generator_table(store, s.synthetic_sources, trials, strategies, classes, s.target_classes, metric,
+                            label, tests, s.report.baseline, s.task)
+    if found is not None:
+        table, caption = found
+        csvs["generators.csv"] = table.reset_index()
+        blocks.append(Table(caption, table, "generators.csv"))
+
+
 def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str, pd.DataFrame]]:
     """The report's blocks (text, tables, figures) and the CSV tables, from the run's store."""
     cfg = s.report
@@ -380,6 +393,7 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
         blocks.append(Para(f"Every {label} is 0: no detector found any object on its validation fold. The "
                            f"training schedule is too short to learn (grid.detector.epochs = {detector.epochs}); "
                            "raise it for informative numbers."))
+    tests = None
     if cfg.baseline in strategies and len(strategies) > 1:
         tests, unavailable = comparison(store, s, trials, strategies, classes)
         csvs["significance.csv"] = tests
@@ -399,6 +413,7 @@ def build_report(store: Store, s: ReportSettings) -> tuple[list[Block], dict[str
                             "significance.csv"))
     else:
         blocks.append(Para(f"No paired comparison: strategy `{cfg.baseline}` is not in the grid."))
+    generator_block(blocks, csvs, store, s, trials, strategies, classes, metric, label, tests)
     timing = tables.training_time(trials, strategies)
     if not timing.empty:
         csvs["training_time.csv"] = timing

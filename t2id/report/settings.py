@@ -48,6 +48,8 @@ class ReportSettings(StageSettings):
     memorization_threshold: float | None  # label.memorization.threshold when label in run.stages
     task: str = "detect"  # run.task: the detection report, or the classification report (t2id.classify.report)
     classifier: ClassifierSummary | None = None  # grid.classifier, only when run.task is classify
+    # grid strategies with synthetic images -> their synthetic_from (None: this run's): the generator comparison
+    synthetic_sources: dict[str, str | None] = {}
 
     @model_validator(mode="after")
     def _one_seed(self) -> ReportSettings:
@@ -76,4 +78,6 @@ def settings(cfg: T2IDConfig) -> ReportSettings:
         classifier=ClassifierSummary(**cfg.grid.classifier.model_dump(include={"model", "weights", "imgsz", "epochs",
                                                                                 "batch"}))
         if cfg.run.task == "classify" else None,
+        synthetic_sources={name: spec.synthetic_from for name in cfg.grid.strategies
+                           if (spec := cfg.grid.strategy_spec(name)).synthetic},
     )

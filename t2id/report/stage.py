@@ -52,5 +52,21 @@ def run(ctx: StageContext, s: ReportSettings) -> StageResult:
     return StageResult(outputs=outputs, summary=summary)
 
 
+def external_inputs(ctx: StageContext, s: ReportSettings) -> dict[str, str]:
+    """The other runs whose synthetic sets the grid trained on (synthetic_from): their evaluate and label
+    markers, so new FID/KID or another generator there re-render the generator comparison."""
+    from t2id.grid.sources import open_source
+    from t2id.runner import outputs_digest, read_marker
+
+    found = {}
+    for uri in dict.fromkeys(v for v in s.synthetic_sources.values() if v):
+        other = open_source(ctx.store, uri)
+        for stage in ("generate", "label", "evaluate"):
+            marker = read_marker(other, stage)
+            found[f"synthetic_from:{uri}:{stage}"] = outputs_digest(marker) if marker is not None else "missing"
+    return found
+
+
 STAGE = Stage(name="report", settings=settings,
-              depends_on=("data", "split", "lora", "generate", "label", "evaluate", "grid"), run=run)
+              depends_on=("data", "split", "lora", "generate", "label", "evaluate", "grid"), run=run,
+              external_inputs=external_inputs)

@@ -17,6 +17,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller polls its workers at most every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a tiny run
+# waits that long to be seen started and again to be seen finished. A missed poll is not a failure (Ray Train
+# marks a worker dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so tests poll faster.
+# Set before any Ray starts, so the raylet and every actor inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def _free_port() -> int:

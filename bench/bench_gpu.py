@@ -134,21 +134,22 @@ def synthetic_cache(n: int, resolution: int, text_dim: int, pooled_dim: int) -> 
                        pooled_embeds=torch.randn(1, pooled_dim, generator=g))
 
 
-def bench_lora(components_fn, device: str, resolution: int, batch: int, precision: str, steps: int, warmup: int,
-               peaks: dict[str, float], text_dim: int, pooled_dim: int) -> dict[str, Any]:
-    """t2id's train_step on a fresh UNet: img/s, MFU and peak memory at one (resolution, batch, precision)."""
+def bench_lora(components_fn, device: str, resolution: int, batch: int, precision: str, options: dict[str, bool],
+               steps: int, warmup: int, peaks: dict[str, float], text_dim: int, pooled_dim: int) -> dict[str, Any]:
+    """t2id's train_step on a fresh UNet: img/s, MFU and peak memory at one (resolution, batch, precision,
+    lora.channels_last / lora.compile options). With compile, the warm-up steps pay the compilation."""
     from diffusers import StableDiffusionXLPipeline
 
     reset_peak(device)
     pipe = StableDiffusionXLPipeline(**components_fn())
     cfg = LoraConfig(rank=16, alpha=16, resolution=resolution, batch_size=batch, epochs=1000,
-                     mixed_precision=precision, max_grad_norm=1.0, hflip=True)
+                     mixed_precision=precision, max_grad_norm=1.0, hflip=True, **options)
     cache = synthetic_cache(batch * 4, resolution, text_dim, pooled_dim)
     state = setup_training(pipe, cfg, len(cache), device=device, seed=0)
     schedule = make_schedule(len(cache), cfg, world=1)
     weight_dtype = next(p.dtype for p in pipe.unet.parameters() if not p.requires_grad)
     flops = unet_forward_flops(pipe.unet, resolution, device, weight_dtype, text_dim, pooled_dim)
-    for _ in range(warmup):
+    for _ in range(warmup + (3 if options.get("compile") else 0)):
         train_step(state, cache, cfg, schedule, seed=0, rank=0)
     sync(device)
     start = time.perf_counter()
@@ -157,7 +158,7 @@ def bench_lora(components_fn, device: str, resolution: int, batch: int, precisio
     seconds = time.perf_counter() - start
     img_s = steps * batch / seconds
     achieved = 3 * flops * img_s / 1e12  # forward + backward ~ 3 x forward (Kaplan et al. 2020 convention)
-    out = {"resolution": resolution, "batch": batch, "precision": precision, "img_s": round(img_s, 3),
+    out = {"resolution": resolution, "batch": batch, "precision": precision, **options, "img_s": round(img_s, 3),
            "steps_s": round(steps / seconds, 3), "forward_gflop_per_image": round(flops / 1e9, 3),
            "achieved_tflops": round(achieved, 2), "peak_gib": peak_gib(device),
            "frozen_dtype": str(weight_dtype).removeprefix("torch."),
@@ -169,8 +170,11 @@ def bench_lora(components_fn, device: str, resolution: int, batch: int, precisio
 
 
 def bench_generate(components_fn, device: str, resolution: int, steps: int, batches: list[int],
-                   repeats: int, dtype: torch.dtype) -> list[dict[str, Any]]:
-    """t2id's generation path (LoRA fused, batched, one seeded generator per image) vs plain diffusers."""
+                   repeats: int, dtype: torch.dtype, compile: bool = False) -> list[dict[str, Any]]:
+    """t2id's generation path (LoRA fused, batched, one seeded generator per image) vs plain diffusers; then
+    the same with generate.channels_last, and with generate.compile when asked (its first call compiles)."""
+    from t2id.lora.models import speed_up
+
     from diffusers import StableDiffusionXLPipeline
 
     reset_peak(device)
@@ -207,6 +211,14 @@ def bench_generate(components_fn, device: str, resolution: int, steps: int, batc
     for batch in batches:
         rows.append({"path": "t2id: adapter fused, batched", "batch": batch,
                      "img_s": round(images_per_second(batch, repeats), 3)})
+    speed_up(pipe.unet, channels_last=True, compile=False)
+    pipe.vae.to(memory_format=torch.channels_last)
+    rows.append({"path": "t2id: fused, batched, channels_last", "batch": batches[-1],
+                 "img_s": round(images_per_second(batches[-1], repeats), 3)})
+    if compile:
+        speed_up(pipe.unet, channels_last=False, compile=True)
+        rows.append({"path": "t2id: fused, batched, channels_last, compiled", "batch": batches[-1],
+                     "img_s": round(images_per_second(batches[-1], repeats), 3)})
     for row in rows:
         row.update(resolution=resolution, steps=steps, guidance=7.5, peak_gib=peak_gib(device))
     return rows
@@ -236,11 +248,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="The tiny SDXL on CPU, tiny sizes (what the tests run).")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="Spec dense bf16/fp16 peak (H100/H200: 989).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also time lora.compile and generate.compile (adds their compilation, minutes).")
     args = parser.parse_args()
 
     if args.tiny:
         device, components_fn = "cpu", tiny_sdxl_components
-        lora_runs, steps, warmup = [(64, 4, "no"), (64, 4, "bf16")], 2, 1
+        lora_runs, steps, warmup = [(64, 4, "no", {}), (64, 4, "bf16", {}), (64, 4, "no", {"channels_last": True})], 2, 1
         gen = dict(resolution=64, steps=2, batches=[1, 2], repeats=1, dtype=torch.float32)
         det = dict(model="yolov8n.yaml", imgsz=64, subjects=2, frames=4, batch=4)
         text_dim, pooled_dim, matmul = 64, 32, dict(n=256, repeats=5)
@@ -257,7 +271,10 @@ def main() -> None:
                 cached["c"] = sdxl_components("cuda")
             return {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in cached["c"].items()}
 
-        lora_runs = [(512, 16, "fp16"), (512, 16, "bf16"), (1024, 4, "fp16"), (1024, 4, "bf16")]
+        lora_runs = [(512, 16, "fp16", {}), (512, 16, "bf16", {}), (512, 16, "bf16", {"channels_last": True}),
+                     (1024, 4, "fp16", {}), (1024, 4, "bf16", {})]
+        if args.compile:
+            lora_runs.append((512, 16, "bf16", {"channels_last": True, "compile": True}))
         steps, warmup = 10, 3
         gen = dict(resolution=512, steps=30, batches=[8, 16], repeats=2, dtype=torch.float16)
         det = dict(model="yolov9s.yaml", imgsz=320, subjects=20, frames=20, batch=64)
@@ -267,17 +284,19 @@ def main() -> None:
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                "torch": torch.__version__, "tiny": args.tiny}
     measured = matmul_tflops(device, **matmul)
-    results["matmul_tflops"] = round(measured, 2)
+    results["matmul_tflops"] = float(f"{measured:.4g}")  # 4 significant digits: a loaded CPU measures ~0.001
     peaks = {"spec": args.peak_tflops, "measured_matmul": measured}
     print(f"device {results['device']}; matmul {measured:.1f} TFLOP/s measured, spec peak {args.peak_tflops:g}")
     results["lora"] = []
-    for resolution, batch, precision in lora_runs:
-        row = bench_lora(components_fn, device, resolution, batch, precision, steps, warmup, peaks, text_dim, pooled_dim)
+    for resolution, batch, precision, options in lora_runs:
+        row = bench_lora(components_fn, device, resolution, batch, precision, options, steps, warmup, peaks, text_dim,
+                         pooled_dim)
         results["lora"].append(row)
-        print(f"lora {resolution}px b{batch} {precision}: {row['img_s']} img/s, MFU {row['mfu_vs_spec']:.1%} of spec "
+        label = "".join(f", {name}" for name, on in options.items() if on)
+        print(f"lora {resolution}px b{batch} {precision}{label}: {row['img_s']} img/s, MFU {row['mfu_vs_spec']:.1%} of spec "
               f"({row['mfu_vs_measured_matmul']:.1%} of measured matmul), peak {row['peak_gib']} GiB, frozen "
               f"{row['frozen_dtype']}")
-    results["generate"] = bench_generate(components_fn, device, **gen)
+    results["generate"] = bench_generate(components_fn, device, **gen, compile=args.compile and not args.tiny)
     for row in results["generate"]:
         print(f"generate {row['resolution']}px {row['steps']} steps CFG 7.5, {row['path']}, batch {row['batch']}: "
               f"{row['img_s']} img/s")

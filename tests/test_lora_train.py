@@ -384,3 +384,30 @@ def test_shared_cache_is_encoded_once_over_ranks_and_assembled_from_the_store(ti
     again.put_shard()
     again.assemble()
     assert again.encoded == 3
+
+
+def test_channels_last_trains_the_same_adapter_and_compile_is_applied_in_place(tiny_set, cache_dir):
+    """lora.channels_last (issue 17): NHWC conv weights, the same losses and LoRA weights as the default layout
+    up to summation order. lora.compile compiles the UNet's forward in place, so DDP, PEFT and the adapter's
+    key names see the same module (the compiled forward itself is checked by bench_gpu.py --compile: compiling
+    even the tiny UNet takes about a minute on a CPU)."""
+    _, _, cache = tiny_set
+    runs = {}
+    for channels_last in (False, True):
+        cfg = LoraConfig(**CFG, epochs=1, channels_last=channels_last)
+        state = setup_training(load_sdxl_pipeline("tiny", cache_dir), cfg, len(cache), seed=0)
+        losses = [train_step(state, cache, cfg, make_schedule(len(cache), cfg, 1), seed=0, rank=0) for _ in range(2)]
+        runs[channels_last] = state, losses
+    convs = [m.weight for m in runs[True][0].unet.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]  # 1x1: both layouts are one
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+    plain, nhwc = lora_state_dict(runs[False][0].unet), lora_state_dict(runs[True][0].unet)
+    assert plain.keys() == nhwc.keys()
+    for key in plain:
+        torch.testing.assert_close(nhwc[key], plain[key], rtol=1e-3, atol=1e-4)  # Adam steps are ~lr = 1e-2
+
+    cfg = LoraConfig(**CFG, epochs=1, compile=True)
+    state = setup_training(load_sdxl_pipeline("tiny", cache_dir), cfg, len(cache), seed=0)
+    assert state.unet._compiled_call_impl is not None  # nn.Module.compile: same object, compiled __call__
+    assert lora_state_dict(state.unet).keys() == plain.keys()

@@ -59,6 +59,16 @@ class GenerateConfig(Section):
         "matmuls round differently (~1e-6), so a pixel may change by one grey level with the batch composition; "
         "false: one call per image, and an image's bytes depend only on its seed.",
     )
+    channels_last: bool = Field(
+        False,
+        description="UNet and VAE in channels-last memory format (faster tensor-core convolutions on a GPU; "
+        "a different summation order, so bytes may differ from the default by a grey level).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet's forward in place on each actor (compiled once per actor and "
+        "adapter swap; worth it for thousands of images on a GPU). Checked by bench/bench_gpu.py --compile.",
+    )
     concurrency: int | None = Field(
         None,
         ge=1,

@@ -105,6 +105,18 @@ class LoraConfig(Section):
         True, description="Keep the VAE in fp32 when encoding (SDXL 1.0's VAE overflows in fp16)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
+    channels_last: bool = Field(
+        False,
+        description="UNet weights in channels-last memory format: cuDNN's tensor-core convolutions run NHWC "
+        "without transposes (PyTorch's channels_last guide; diffusers' SDXL speed-up notes). Same maths, a "
+        "different summation order.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet's forward in place (nn.Module.compile). The first steps pay the "
+        "compilation (minutes for SDXL); worth it for long runs on a GPU. Checked by bench/bench_gpu.py "
+        "--compile.",
+    )
     hflip: bool = Field(True, description="Random horizontal flip (paper: yes).")
     seed: int | None = Field(
         None, ge=0,

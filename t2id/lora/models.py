@@ -259,3 +259,17 @@ def load_sdxl_pipeline(source: str, cache_dir: Path, allow_network: bool = False
     pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def speed_up(module: torch.nn.Module, channels_last: bool, compile: bool) -> None:
+    """`lora.channels_last`/`compile`, `generate.channels_last`/`compile` (issue 17), both in place.
+
+    In place matters: DDP wraps, PEFT injects LoRA layers into and diffusers fuses adapters into the
+    same module object afterwards. `nn.Module.compile` compiles its forward lazily (at the first call)
+    and parameters are graph inputs, so a fused or swapped adapter's weights are what the compiled
+    forward reads; a changed module structure (an adapter loaded or unloaded) recompiles once.
+    """
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    if compile:
+        module.compile()

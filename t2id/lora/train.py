@@ -35,6 +35,7 @@ from t2id import layout
 from t2id.errors import UserError
 from t2id.lora.config import LoraConfig
 from t2id.lora.data import LatentCache, encode_ids
+from t2id.lora.models import speed_up
 
 # 1. Adapter ------------------------------------------------------------------------------------
 
@@ -404,6 +405,7 @@ def setup_training(pipe, cfg: LoraConfig, n_examples: int, world: int = 1,
         return setup_textual_inversion(pipe, cfg, n_examples, world, device, token_set)
     params = add_unet_lora(pipe.unet, cfg, weight_dtype)
     pipe.unet.to(device)
+    speed_up(pipe.unet, cfg.channels_last, cfg.compile)
     text_encoders = []
     if cfg.train_text_encoder:
         for encoder in (pipe.text_encoder, pipe.text_encoder_2):
@@ -437,6 +439,7 @@ def setup_textual_inversion(pipe, cfg: LoraConfig, n_examples: int, world: int, 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    speed_up(pipe.unet, cfg.channels_last, cfg.compile)
     encoders, params, guard = setup_encoders(pipe, token_set, weight_dtype, device)
     optimizer = torch.optim.AdamW(params, lr=cfg.textual_inversion.lr, betas=tuple(cfg.adam_betas),
                                   weight_decay=cfg.weight_decay)

@@ -101,8 +101,13 @@ def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
     from t2id.generate.ray_layer import WarmPool
     from t2id.generate.worker import ImageGenerator
 
+    worker_cls = ImageGenerator
+    if s.method == "ddpm":  # the fold's per-class DDPMs instead of SDXL (t2id.generate.ddpm_worker)
+        from t2id.generate.ddpm_worker import DdpmGenerator
+
+        worker_cls = DdpmGenerator
     # One pool for every fold and top-up round: each actor loads the pipeline once and swaps adapters.
-    with WarmPool(ImageGenerator, s, ctx.store, s.generate, str(ctx.cache_dir), ctx.endpoint_url) as pool:
+    with WarmPool(worker_cls, s, ctx.store, s.generate, str(ctx.cache_dir), ctx.endpoint_url) as pool:
         return run_folds(ctx, s, pool)
 
 

@@ -156,7 +156,8 @@ class DdpmConfig(Section):
         "cosine", description="LR schedule after warmup (diffusers' example: cosine).")
     warmup_steps: int = Field(500, ge=0, description="Linear LR warmup steps (diffusers' example: 500).")
     hflip: bool = Field(
-        True, description="Random horizontal flip (the study's samples include flipped copies, Sec. 4.4.1).")
+        True, description="Random horizontal flip (diffusers' example; the study's samples include flipped "
+        "copies, Sec. 4.4.1).")
     grayscale: bool = Field(
         True, description="One grey channel (ultrasound); images are written as grey RGB PNGs. false: RGB.")
     inference_steps: int = Field(

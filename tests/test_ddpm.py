@@ -16,7 +16,7 @@ from test_lora_ray import _run_with_one_fold
 from test_stage_settings import BASE, changed_by_settings, with_values
 
 from t2id import layout
-from t2id.config import validate_config
+from t2id.config import builtin_config, load_config, validate_config
 from t2id.data.manifest import fold_ids, load_classes
 from t2id.generate.config import GenerateConfig
 from t2id.generate.quality import judge, measure
@@ -24,6 +24,7 @@ from t2id.generate.settings import DDPM_BASE_MODEL, GenerateSettings
 from t2id.lora.config import LoraConfig, TargetClass
 from t2id.lora.methods import DdpmConfig, method_prompt
 from t2id.lora.settings import LoraSettings
+from t2id.plan import make_plan
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -51,6 +52,12 @@ def test_ddpm_config_and_what_its_hash_holds():
                                                for t in ddpm.lora.target_classes])
     assert changed_by_settings(ddpm, unused) == set()
     assert {"lora", "generate"} <= changed_by_settings(ddpm, with_values(ddpm, lora__ddpm__epochs=7))
+    # `t2id plan` counts ddpm's work (not timed: no measured UNet2DModel rate). The paper config's folds have
+    # 630 rare TRAIN images, ~315 per class: 19 steps of 16 per epoch x 500 epochs x 2 classes.
+    plan = make_plan(with_values(load_config(builtin_config("t2id-cas")), lora__method="ddpm"), "paper")
+    stages = {p.stage: p for p in plan.stages}
+    assert stages["lora"].counts["steps"] == [19 * 500 * 2] * 4 and stages["lora"].gpu_hours == 0.0
+    assert stages["generate"].counts["unet_passes"] == 2400 * 1000
 
 
 def generate_settings(cfg: LoraConfig, **quality) -> GenerateSettings:

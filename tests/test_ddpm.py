@@ -37,6 +37,8 @@ def test_ddpm_config_and_what_its_hash_holds():
     assert DdpmConfig().resolution == 64 and DdpmConfig().inference_steps == 1000  # diffusers' example; DDPM
     with pytest.raises(ValueError, match="lora.ddpm is set but lora.method is 'lora'"):
         LoraConfig(ddpm={"epochs": 1})
+    with pytest.raises(ValueError, match="multiple of 32"):  # 5 halvings of 6 levels
+        DdpmConfig(resolution=48)
     with pytest.raises(ValueError, match="block_out_channels"):
         DdpmConfig(block_out_channels=[12, 24])
     with pytest.raises(ValueError, match=r"lora.ddpm.batch_size \(3\)"):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from t2id import layout
 from t2id.configbase import Section
@@ -172,6 +172,14 @@ class DdpmConfig(Section):
             raise ValueError(f"lora.ddpm.block_out_channels {list(value)}: every level needs a positive multiple "
                              "of 8 channels (GroupNorm groups), e.g. [32, 64, 128]")
         return value
+
+    @model_validator(mode="after")
+    def _resolution_halves(self) -> DdpmConfig:
+        factor = 2 ** (len(self.block_out_channels) - 1)  # each level but the last halves the image
+        if self.resolution % factor:
+            raise ValueError(f"lora.ddpm.resolution {self.resolution} must be a multiple of {factor} (2 to the "
+                             f"power of the {len(self.block_out_channels) - 1} downsamplings of block_out_channels)")
+        return self
 
 
 def class_phrase(method: str, class_name: str, dreambooth: DreamBoothConfig | None,

@@ -100,7 +100,8 @@ def test_ddpm_per_class_from_scratch_then_generated_gated_and_recorded(ray_local
         assert {i for _, used in rank["steps"] for i in used} == set(ids)  # every image of the class, no other
         unet = UNet2DModel.from_pretrained(store.uri(layout.lora.ddpm_class(0, name)))
         assert (unet.config.in_channels, unet.config.sample_size, list(unet.config.block_out_channels)) == (1, 32, [8, 16])
-        assert weights_digest(unet) == rank["weights_digest"]  # what was written is what rank 0 trained
+        assert weights_digest(unet) == rank["weights_digest"]  # what was written is what rank 0 made
+        assert rank["trained_digest"] != rank["weights_digest"]  # the EMA of the weights, not the last step's
     assert all(e["prompt"] == e["class"] for e in record["examples"])  # no text conditioning
     assert record["classes"]["tracheal ring"]["seed"] != record["classes"]["vocal fold"]["seed"]
     log = store.read_table(layout.lora.train_log(0)).to_pylist()

@@ -7,8 +7,8 @@ from scratch on the fold's TRAIN images of that class only (t2id.lora.stage.fold
 validation image), resized to lora.ddpm.resolution (shorter side + centre crop, as the lora stage).
 
   - Objective: Ho et al. 2020 (arXiv 2006.11239) eq. 14: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with t
-    uniform in [0, T), loss = ||eps - eps_theta(x_t, t)||^2; AdamW, warmup + cosine LR and gradient norm
-    clipped at 1 as diffusers' train_unconditional.py.
+    uniform in [0, T), loss = ||eps - eps_theta(x_t, t)||^2; AdamW, warmup + cosine LR, gradient norm
+    clipped at 1 and an EMA of the weights (the ones written and sampled) as diffusers' train_unconditional.py.
   - Ray Train: one run per fold, its classes in turn, with the lora stage's conventions (t2id.lora.ray_layer.fit_on_ray_train:
     lora.num_workers DDP workers, gloo on CPU; checkpoints every lora.checkpoint_every_steps; FailureConfig;
     a UserError is not retried). Batches and random draws reuse t2id.lora.train's schedule: ranks take
@@ -186,6 +186,16 @@ def train_step(model, scheduler, optimizer, lr_scheduler, pixels: torch.Tensor, 
     return sum(losses) / len(losses), [i for micro in micro_batches for i in micro]
 
 
+def make_ema(unet, d: DdpmConfig):
+    """diffusers' EMAModel as train_unconditional.py builds it (warmup decay; lora.ddpm.ema_*), or None."""
+    if not d.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=d.ema_max_decay, use_ema_warmup=True, inv_gamma=d.ema_inv_gamma,
+                    power=d.ema_power)
+
+
 def save_checkpoint(folder: Path, model, optimizer, lr_scheduler, progress: dict[str, Any]) -> None:
     """The class in training (its UNet, optimizer, LR scheduler) and `progress`: {class, step, log, done}, where
     done = {class: weights sha256} of the classes finished and written to the store before it."""
@@ -247,11 +257,14 @@ def train_func(config: dict[str, Any]) -> None:
                                       weight_decay=d.weight_decay)
         sched = schedule(len(examples), d, world)
         lr_scheduler = make_lr_scheduler(optimizer, d, sched.total_steps)  # type: ignore[arg-type]  # warmup, decay
+        ema = make_ema(unet, d)
         step, log = 0, []
         if checkpoint is not None and saved["class"] == class_name:
             with checkpoint.as_directory() as folder:
                 restored = restore_checkpoint(Path(folder), unet, optimizer, lr_scheduler, device)
             step, log = int(restored["step"]), list(restored["log"])
+            if ema is not None:
+                ema.load_state_dict(restored["ema"])
         resumed_from = step
         model = ray.train.torch.prepare_model(unet, move_to_device=False) if world > 1 else unet
         model.train()
@@ -262,6 +275,8 @@ def train_func(config: dict[str, Any]) -> None:
             lr = optimizer.param_groups[0]["lr"]
             loss, used = train_step(model, scheduler, optimizer, lr_scheduler, pixels, sched, d, seed, rank, step,
                                     device)
+            if ema is not None:
+                ema.step(unet.parameters())
             seen.append([step, [examples[i].image_id for i in used]])
             step += 1
             loss = mean_over_ranks(loss, device)
@@ -272,7 +287,11 @@ def train_func(config: dict[str, Any]) -> None:
                     config["progress"].set.remote(f"fold={fold}/{class_name}", step)
             last = step == sched.total_steps
             if last:  # the class's outputs first, so the checkpoint below can count it as done
-                write_class_outputs(store, fold, class_name, model, scheduler, log, rank, world, resumed_from, seen)
+                trained = weights_digest(model)
+                if ema is not None:
+                    ema.copy_to(unet.parameters())  # the averaged weights are the ones sampled
+                write_class_outputs(store, fold, class_name, model, scheduler, log, rank, world, resumed_from, seen,
+                                    trained)
                 done[class_name] = store.sha256(weights_key(fold, class_name))
             if step % cfg.checkpoint_every_steps and not last:
                 continue
@@ -280,7 +299,8 @@ def train_func(config: dict[str, Any]) -> None:
                 ckpt = None
                 if rank == 0:
                     save_checkpoint(Path(tmp), model, optimizer, lr_scheduler,
-                                    {"class": class_name, "step": step, "log": log, "done": dict(done)})
+                                    {"class": class_name, "step": step, "log": log, "done": dict(done),
+                                     "ema": None if ema is None else ema.state_dict()})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({"class": class_name, "step": step, "loss": loss}, checkpoint=ckpt)
 
@@ -290,12 +310,13 @@ def weights_key(fold: int, class_name: str) -> str:
 
 
 def write_class_outputs(store: Store, fold: int, class_name: str, model, scheduler, log: list[dict], rank: int,
-                        world: int, resumed_from: int, seen: list) -> None:
-    """Every rank: its record (examples used, weights digest); rank 0: the UNet + scheduler (diffusers'
-    layout) and the class's train_log.parquet. On DDP ranks > 0 wait for rank 0's files."""
+                        world: int, resumed_from: int, seen: list, trained_digest: str) -> None:
+    """Every rank: its record (examples used, digests of the written weights and of the trained ones before
+    the EMA replaced them); rank 0: the UNet + scheduler (diffusers' layout) and the class's train_log.parquet.
+    On DDP ranks > 0 wait for rank 0's files."""
     store.write_text(layout.lora.ddpm_rank(fold, class_name, rank), json.dumps({
         "rank": rank, "world": world, "resumed_from_step": resumed_from, "weights_digest": weights_digest(model),
-        "steps": seen}))
+        "trained_digest": trained_digest, "steps": seen}))
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             unwrap(model).save_pretrained(tmp, safe_serialization=True)

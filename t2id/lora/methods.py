@@ -158,6 +158,13 @@ class DdpmConfig(Section):
     hflip: bool = Field(
         True, description="Random horizontal flip (diffusers' example; the study's samples include flipped "
         "copies, Sec. 4.4.1).")
+    ema: bool = Field(
+        True, description="Sample from an exponential moving average of the weights (diffusers' example: --use_ema "
+        "on, with the warmup decay 1 - (1 + step / inv_gamma)^-power, capped at ema_max_decay).",
+    )
+    ema_max_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay cap (diffusers' example: 0.9999).")
+    ema_inv_gamma: float = Field(1.0, gt=0, description="EMA warmup inverse gamma (diffusers' example: 1.0).")
+    ema_power: float = Field(0.75, gt=0, description="EMA warmup power (diffusers' example: 3/4).")
     grayscale: bool = Field(
         True, description="One grey channel (ultrasound); images are written as grey RGB PNGs. false: RGB.")
     inference_steps: int = Field(

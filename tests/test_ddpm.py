@@ -53,6 +53,7 @@ def test_ddpm_config_and_what_its_hash_holds():
                          lora__target_classes=[{"name": t.name, "prompts": ["another prompt"]}
                                                for t in ddpm.lora.target_classes])
     assert changed_by_settings(ddpm, unused) == set()
+    assert "generate" not in changed_by_settings(ddpm, with_values(ddpm, generate__steps=7, generate__width=96))
     assert {"lora", "generate"} <= changed_by_settings(ddpm, with_values(ddpm, lora__ddpm__epochs=7))
     # `t2id plan` counts ddpm's work (not timed: no measured UNet2DModel rate). The paper config's folds have
     # 630 rare TRAIN images, ~315 per class: 19 steps of 16 per epoch x 500 epochs x 2 classes.

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 # base_model of lora.method ddpm's images (settings, manifest rows): there is none, the DDPMs start from scratch.
 DDPM_BASE_MODEL = "none:ddpm-from-scratch"
+# generate fields lora.method ddpm does not read (lora.ddpm sets the size and steps): reset to their defaults
+# in its settings, so they change no hash.
+UNUSED_BY_DDPM = ("width", "height", "steps", "guidance", "scheduler", "negative_prompt", "dtype")
 
 
 class GenerateSettings(StageSettings):
@@ -77,9 +80,10 @@ def settings(cfg: T2IDConfig) -> GenerateSettings:
     clip_gate = gen.quality.min_clip_score is not None
     method = cfg.lora.method if use_adapter else "lora"
     targets, base_model = cfg.lora.target_classes, cfg.lora.base_model
-    if method == "ddpm":  # unconditional, from scratch: the class prompts and base model take no part
+    if method == "ddpm":  # unconditional, from scratch: the prompts, base model and SDXL sampling take no part
         targets = [TargetClass(name=t.name, prompts=[t.name]) for t in targets]
         base_model = DDPM_BASE_MODEL
+        gen = gen.model_copy(update={name: GenerateConfig.model_fields[name].default for name in UNUSED_BY_DDPM})
     return GenerateSettings(generate=gen, target_classes=targets, base_model=base_model,
                             allow_network=cfg.lora.allow_network, run_seed=cfg.run.seed, use_adapter=use_adapter,
                             folds=folds, clip_weights=cfg.evaluate.clip_weights if clip_gate else None,

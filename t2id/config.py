@@ -116,6 +116,10 @@ class T2IDConfig(Section):
                              "images it inpaints into real ones and leaves the generated images, which carry their "
                              "requested boxes, unused; set label.method: teacher (it keeps their boxes and measures "
                              "layout fidelity)")
+        if self.lora.method == "ddpm" and "label" in stages and self.label.method in ("inpaint", "inpaint_outpaint"):
+            raise ValueError(f"lora.method is ddpm but label.method is {self.label.method}: inpainting needs a "
+                             "text-to-image pipeline (SDXL) and ddpm trains unconditional DDPMs without one; set "
+                             "label.method: teacher")
         ev = self.evaluate
         # Random stand-in metric networks only beside the tiny random generator: with a real SDXL,
         # FID/KID/IS/CLIP from random nets would sit next to the paper's values looking comparable.

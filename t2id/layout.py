@@ -141,6 +141,29 @@ class _Lora:
         """Ray Train's folder of one training run (its checkpoints and checkpoint-manager snapshot)."""
         return f"{self.ray_storage}/{run_name}"
 
+    ddpm_weights_file = "diffusion_pytorch_model.safetensors"  # diffusers' names: UNet2DModel.from_pretrained(dir)
+    ddpm_files = ("config.json", ddpm_weights_file, "scheduler_config.json")  # + DDPMScheduler.from_pretrained(dir)
+
+    def ddpm(self, fold: int) -> str:
+        """lora.method ddpm: the fold's unconditional DDPMs, one folder per target class."""
+        return f"{self.fold(fold)}/ddpm"
+
+    def ddpm_models(self, fold: int) -> str:
+        """lora.method ddpm: {"classes": {class: {dir, weights_sha256, seed, image_ids}}}, written last: the
+        fold's generator (generate's lora_sha256 of a row is its class's weights_sha256)."""
+        return f"{self.ddpm(fold)}/models.json"
+
+    def ddpm_class(self, fold: int, class_name: str) -> str:
+        """A class's UNet2DModel + DDPMScheduler in diffusers' layout (ddpm_files) and its train_log.parquet."""
+        return f"{self.ddpm(fold)}/{slug(class_name)}"
+
+    def ddpm_file(self, fold: int, class_name: str, name: str) -> str:
+        return f"{self.ddpm_class(fold, class_name)}/{name}"
+
+    def ddpm_rank(self, fold: int, class_name: str, rank: int) -> str:
+        """One DDP rank's record of a class's training (under ranks/, which the stage does not publish)."""
+        return f"{self.ranks(fold)}/{slug(class_name)}/rank={rank}.json"
+
 
 class _Generate:
     root = "generate"

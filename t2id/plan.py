@@ -239,7 +239,10 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
         if name in stages:
             cpu_only(name, "import and check the dataset" if name == "data" else f"{k} subject-grouped folds")
 
-    if "lora" in stages:
+    ddpm = cfg.lora.ddpm if "lora" in stages else None  # lora.method ddpm: counted, not timed
+    if ddpm is not None:
+        plans.extend(ddpm_plans(cfg, data, classes, stages))
+    elif "lora" in stages:
         lo = cfg.lora
         folds = lo.folds if lo.folds is not None else list(range(k))
         rate, row = lora_rate(cfg, gpu_type)
@@ -269,7 +272,7 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
     g = cfg.generate
     gen_gpus = float(min(g.concurrency or n_gpus, n_gpus))
     gen_folds = g.folds if g.folds is not None else list(range(k))
-    if "generate" in stages:
+    if "generate" in stages and ddpm is None:
         n = len(gen_folds) * len(classes) * g.images_per_class
         upper = len(gen_folds) * len(classes) * math.ceil(g.max_attempts_factor * g.images_per_class)
         rate, row = generation_rate(gpu_type, g.batched_pipeline, g.steps, g.width, g.height)
@@ -370,6 +373,38 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
     return Plan(config=config_name, run_id=cfg.run.id, folds=k, target_classes=classes, gpu_type=gpu_type,
                 gpus=n_gpus, gpus_source=gpus_source, dataset=data, stages=plans, throughputs=list(used.values()),
                 price_per_gpu_hour=price_per_gpu_hour, tiny=cfg.lora.base_model == "tiny")
+
+
+def ddpm_plans(cfg: T2IDConfig, data: Dataset, classes: list[str], stages: set[str]) -> list[StagePlan]:
+    """lora.method ddpm: the lora and generate stages' work as counts (optimizer steps; UNet passes of sampling),
+    not timed: t2id/plan_throughput.py has no measured UNet2DModel rate. A fold's rare images are taken as
+    split evenly over the classes (each class trains its own model on its own images)."""
+    from t2id.lora.ddpm import schedule
+
+    lo, g, d = cfg.lora, cfg.generate, cfg.lora.ddpm
+    assert d is not None
+    folds = lo.folds if lo.folds is not None else list(range(cfg.split.folds))
+    steps = []
+    for f in folds:
+        per_class = data.rare_train[f] // max(1, len(classes))
+        try:
+            steps.append(schedule(per_class, d, lo.num_workers).total_steps * len(classes))
+        except ValueError as exc:
+            raise UserError(f"lora (ddpm): fold {f} would train each class on ~{per_class} images: {exc}") from exc
+    not_timed = "not estimated: t2id/plan_throughput.py has no measured DDPM (UNet2DModel) rate"
+    out = [StagePlan("lora", f"ddpm: {len(folds)} folds x {len(classes)} classes, a UNet2DModel from scratch each "
+                     f"({d.resolution} px, {d.epochs} epochs) = {sum(steps):,} steps of batch <= {d.batch_size}; "
+                     f"{not_timed}", 0, 0.0, 0.0, lo.use_gpu, "not measured", {"folds": folds, "steps": steps})]
+    if "generate" in stages:
+        gen_folds = g.folds if g.folds is not None else list(range(cfg.split.folds))
+        n = len(gen_folds) * len(classes) * g.images_per_class
+        upper = len(gen_folds) * len(classes) * math.ceil(g.max_attempts_factor * g.images_per_class)
+        out.append(StagePlan(
+            "generate", f"ddpm: {n:,} images ({upper:,} at most with quality-gate top-ups) x {d.inference_steps} "
+            f"UNet passes at {d.resolution} px = {n * d.inference_steps:,} passes; {not_timed}", 0, 0.0, 0.0,
+            g.device != "cpu", "not measured",
+            {"images": n, "images_upper_bound": upper, "unet_passes": n * d.inference_steps}))
+    return out
 
 
 def plan_json(plan: Plan) -> str:

@@ -258,7 +258,8 @@ def preflight(cfg: T2IDConfig, stages: Iterable[str] | None = None) -> None:
 
     # 3. Weights, for the stages that load them.
     label = cfg.label
-    if stages & {"lora", "generate"} or ("label" in stages and label.method != "teacher"):
+    sdxl = cfg.lora.method != "ddpm"  # ddpm trains from scratch and loads no SDXL (inpaint with ddpm is an error)
+    if sdxl and (stages & {"lora", "generate"} or ("label" in stages and label.method != "teacher")):
         _check_weights(s3, "lora.base_model", cfg.lora.base_model, "sdxl")
     if "evaluate" in stages:
         _check_weights(s3, "evaluate.inception_weights", cfg.evaluate.inception_weights, "file")

@@ -145,7 +145,7 @@ def generate_fold(store: Store, s: GenerateSettings, fold: int, classes: list[Pl
     by_name = {c.name: c for c in classes}
 
     def make_record(batch: dict[str, Any], i: int, row: dict) -> dict:
-        return record_from_batch(batch, i, row, s.base_model, g.scheduler, lora_sha256)
+        return record_from_batch(batch, i, row, s.base_model, params.scheduler, lora_sha256)
 
     requested = fold_layouts(store, s, fold, classes)
     plan = with_requested_boxes(initial_plan(s.run_seed, fold, classes, params, n), requested, s, params)
@@ -233,8 +233,9 @@ def remove_stale(store: Store, plan: list[dict], prefixes: list[str]) -> int:
 def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict], records: dict[str, dict]
                    ) -> pa.Table:
     """One SYNTHETIC_SCHEMA row per plan row, in plan order; boxes are filled by the label stage."""
-    g = s.generate
+    params = gen_params(s, "")  # steps, guidance, scheduler as drawn (lora.method ddpm has its own)
     tokens, prior = method_provenance(store, s, fold)
+    class_weights = ddpm_class_weights(store, s, fold)
     rows = []
     for row in plan:
         rec = records[row["key"]]
@@ -253,11 +254,11 @@ def manifest_table(store: Store, s: GenerateSettings, fold: int, plan: list[dict
             "prompt": row["prompt"],
             "negative_prompt": row["negative_prompt"],
             "seed": row["seed"],
-            "steps": g.steps,
-            "guidance": g.guidance,
-            "scheduler": g.scheduler,
+            "steps": params.steps,
+            "guidance": params.guidance,
+            "scheduler": params.scheduler,
             "base_model": s.base_model,
-            "lora_sha256": rec["lora_sha256"],
+            "lora_sha256": class_weights.get(row["class_name"], rec["lora_sha256"]),
             "entropy": rec["entropy"],
             "std": rec["std"],
             "clip_score": rec.get("clip_score"),
@@ -278,6 +279,15 @@ def location_tokens(row: dict, s: GenerateSettings) -> str:
 
     assert s.layout is not None
     return location_phrase(row["class_name"], row["requested_boxes"], s.layout.bins)
+
+
+def ddpm_class_weights(store: Store, s: GenerateSettings, fold: int) -> dict[str, str]:
+    """lora.method ddpm: class -> the sha256 of its UNet weights (a row's lora_sha256), from the fold's
+    ddpm/models.json; {} for the other methods."""
+    if s.method != "ddpm" or not s.use_adapter:
+        return {}
+    models = json.loads(store.read_text(s.generator_key(fold)))["classes"]
+    return {name: m["weights_sha256"] for name, m in models.items()}
 
 
 def method_provenance(store: Store, s: GenerateSettings, fold: int) -> tuple[dict[str, str], dict | None]:

@@ -68,6 +68,10 @@ class GenParams:
 
 def gen_params(s: GenerateSettings, lora_sha256: str) -> GenParams:
     g = s.generate
+    if s.ddpm is not None:  # lora.method ddpm: its own size and sampler, no text (t2id.generate.ddpm_worker)
+        d = s.ddpm
+        return GenParams(negative_prompt="", steps=d.inference_steps, guidance=0.0, scheduler="ddpm",
+                         width=d.resolution, height=d.resolution, base_model=s.base_model, lora_sha256=lora_sha256)
     return GenParams(negative_prompt=g.negative_prompt, steps=g.steps, guidance=float(g.guidance),
                      scheduler=g.scheduler, width=g.width, height=g.height, base_model=s.base_model,
                      lora_sha256=lora_sha256)

@@ -97,12 +97,23 @@ def pool_facts(pool: WarmPool) -> dict:
             "adapter_loads": sum(a["adapter_loads"] for a in stats), "pids": sorted(a["pid"] for a in stats)}
 
 
-def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
-    from t2id.generate.ray_layer import WarmPool
+def worker_class(s: GenerateSettings) -> type:
+    """The callable class that draws the fold's images: SDXL's ImageGenerator, or for lora.method ddpm the
+    fold's per-class DDPMs (t2id.generate.ddpm_worker.DdpmGenerator). Also label's teacher top-up's."""
+    if s.method == "ddpm" and s.use_adapter:
+        from t2id.generate.ddpm_worker import DdpmGenerator
+
+        return DdpmGenerator
     from t2id.generate.worker import ImageGenerator
 
+    return ImageGenerator
+
+
+def run(ctx: StageContext, s: GenerateSettings) -> StageResult:
+    from t2id.generate.ray_layer import WarmPool
+
     # One pool for every fold and top-up round: each actor loads the pipeline once and swaps adapters.
-    with WarmPool(ImageGenerator, s, ctx.store, s.generate, str(ctx.cache_dir), ctx.endpoint_url) as pool:
+    with WarmPool(worker_class(s), s, ctx.store, s.generate, str(ctx.cache_dir), ctx.endpoint_url) as pool:
         return run_folds(ctx, s, pool)
 
 

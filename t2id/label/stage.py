@@ -199,7 +199,7 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     from t2id.generate.plan import gen_params, plan_rows
     from t2id.generate.quality import judge
     from t2id.generate.ray_layer import run_ray
-    from t2id.generate.worker import ImageGenerator
+    from t2id.generate.stage import worker_class
     from t2id.label.ray_layer import teacher_folds
 
     store, gen = ctx.store, s.topup
@@ -220,11 +220,11 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     if todo:
         # A pool for this round only: the teacher's Ray task below needs the CPUs/GPU that warm generation
         # actors would keep reserved.
-        executor = partial(run_ray, worker_cls=ImageGenerator, settings=gen, store=store, g=g,
+        executor = partial(run_ray, worker_cls=worker_class(gen), settings=gen, store=store, g=g,
                            cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
 
         def make_record(batch: dict, i: int, row: dict) -> dict:
-            return record_from_batch(batch, i, row, gen.base_model, g.scheduler, lora_sha256)
+            return record_from_batch(batch, i, row, gen.base_model, params.scheduler, lora_sha256)
 
         with ctx.events.progress(f"label fold {fold}: top-up round {round_} images", len(todo)) as advance:
             execute_rows(f"label fold {fold} top-up", todo, executor, records, make_record, advance)

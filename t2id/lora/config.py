@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from t2id.configbase import Section
-from t2id.lora.methods import DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
+from t2id.lora.methods import DdpmConfig, DreamBoothConfig, LayoutConfig, Method, TextualInversionConfig
 
 
 class TargetClass(Section):
@@ -22,8 +22,9 @@ class TargetClass(Section):
 
 # lora.method -> its settings sub-section (t2id.lora.methods): only the chosen method's is filled.
 METHOD_SECTIONS = {"dreambooth_lora": "dreambooth", "textual_inversion": "textual_inversion",
-                   "layout_lora": "layout"}
-SECTION_TYPES = {"dreambooth": DreamBoothConfig, "textual_inversion": TextualInversionConfig, "layout": LayoutConfig}
+                   "layout_lora": "layout", "ddpm": "ddpm"}
+SECTION_TYPES = {"dreambooth": DreamBoothConfig, "textual_inversion": TextualInversionConfig, "layout": LayoutConfig,
+                 "ddpm": DdpmConfig}
 
 
 class LoraConfig(Section):
@@ -32,7 +33,8 @@ class LoraConfig(Section):
         description="Fine-tune recipe, per fold on its TRAIN images: 'lora' (the paper's), 'dreambooth_lora' "
         "(identifier token + class-prior loss; lora.dreambooth), 'textual_inversion' (one learnt token per "
         "class in both text encoders, base model frozen; lora.textual_inversion), 'layout_lora' (boxes as "
-        "location tokens in the prompt, text-encoder LoRA on; lora.layout). See docs/generators.md.",
+        "location tokens in the prompt, text-encoder LoRA on; lora.layout), 'ddpm' (an unconditional DDPM per class "
+        "from scratch, no base model; lora.ddpm). See docs/generators.md.",
     )
     dreambooth: DreamBoothConfig | None = Field(
         None, description="Settings of method dreambooth_lora (defaults filled when it is chosen)."
@@ -42,6 +44,9 @@ class LoraConfig(Section):
     )
     layout: LayoutConfig | None = Field(
         None, description="Settings of method layout_lora (defaults filled when it is chosen)."
+    )
+    ddpm: DdpmConfig | None = Field(
+        None, description="Settings of method ddpm (defaults filled when it is chosen)."
     )
     base_model: str = Field(
         "tiny",
@@ -177,8 +182,12 @@ class LoraConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> LoraConfig:
+        if self.ddpm is not None and self.ddpm.batch_size % (self.num_workers * self.ddpm.grad_accum):
+            raise ValueError(
+                f"lora.ddpm.batch_size ({self.ddpm.batch_size}) must be a multiple of lora.num_workers x "
+                f"lora.ddpm.grad_accum ({self.num_workers} x {self.ddpm.grad_accum}); change one of them")
         shards = self.num_workers * self.grad_accum
-        if self.batch_size % shards:
+        if self.batch_size % shards and self.method != "ddpm":  # ddpm batches by lora.ddpm.batch_size
             raise ValueError(
                 f"lora.batch_size ({self.batch_size}) must be a multiple of lora.num_workers x lora.grad_accum "
                 f"({self.num_workers} x {self.grad_accum} = {shards}); change one of them")

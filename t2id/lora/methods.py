@@ -16,6 +16,10 @@
                      boxes of its class as location tokens in its prompt (t2id.lora.location), learnt by the
                      same LoRA fine-tune with text-encoder LoRA; generation asks for boxes, and the image
                      comes with them (no teacher).
+  ddpm               An unconditional DDPM (Ho et al. 2020, arXiv 2006.11239) trained from scratch per fold and
+                     class, as in the lung-ultrasound study (papers/lung-ultrasound-textual-inversion-ddpm.txt,
+                     Sec. 3.4 and 4.4: diffusers' unconditional pipeline, a UNet2DModel + DDPM noise scheduler);
+                     no base model, no text: a row's prompt is its class name (t2id.lora.ddpm).
 
 The prompt rule is shared by training (t2id.lora.stage) and generation (t2id.generate.plan), so the
 generator is always prompted the way it was trained: the class name in a class prompt is replaced by
@@ -27,13 +31,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from t2id import layout
 from t2id.configbase import Section
 
-Method = Literal["lora", "dreambooth_lora", "textual_inversion", "layout_lora"]
-METHODS: tuple[str, ...] = ("lora", "dreambooth_lora", "textual_inversion", "layout_lora")
+Method = Literal["lora", "dreambooth_lora", "textual_inversion", "layout_lora", "ddpm"]
+METHODS: tuple[str, ...] = ("lora", "dreambooth_lora", "textual_inversion", "layout_lora", "ddpm")
 
 # Where the class-prior images' seeds come from: a namespace of their own (t2id.generate.plan.plan_rows),
 # so they never repeat an image the generate stage draws from the same base model.
@@ -118,6 +122,73 @@ class LayoutConfig(Section):
     )
 
 
+class DdpmConfig(Section):
+    """lora.ddpm: an unconditional DDPM per class, from scratch (the lung-ultrasound study, Sec. 3.4 and 4.4).
+
+    The study trained diffusers' unconditional image generation example (examples/unconditional_image_generation/
+    train_unconditional.py); its defaults are this section's unless the study says otherwise. The lora
+    section's num_workers, use_gpu, cpus_per_worker, seed, folds, checkpoint_every_steps, keep_checkpoints and
+    max_failures apply; its SDXL/LoRA settings (base_model, rank, alpha, prompts, ...) do not."""
+
+    resolution: int = Field(
+        64, ge=8, description="Image side in pixels, training and sampling (diffusers' example: --resolution 64).")
+    block_out_channels: tuple[int, ...] = Field(
+        (128, 128, 256, 256, 512, 512), min_length=1,
+        description="UNet2DModel channels per resolution level (diffusers' example); self-attention at the "
+        "second-lowest level as there. Smaller = faster (the tests use (8, 16)).",
+    )
+    layers_per_block: int = Field(2, ge=1, description="ResNet layers per UNet block (diffusers' example: 2).")
+    train_timesteps: int = Field(1000, ge=2, description="Diffusion steps T of training (Ho et al. 2020: 1000).")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="Noise schedule: 'linear' = Ho et al.'s betas 1e-4..0.02 (diffusers' example), "
+        "'squaredcos_cap_v2' = Nichol & Dhariwal's cosine schedule.",
+    )
+    epochs: int = Field(500, gt=0, description="Epochs (the study: 500 on three images, Sec. 4.4.1; 3000 on 52).")
+    batch_size: int = Field(
+        16, gt=0, description="Global batch per optimizer step, shrunk to the class's images when fewer "
+        "(diffusers' example: --train_batch_size 16).",
+    )
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps (diffusers' example: 1).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (diffusers' example: 1e-4).")
+    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay (diffusers' example: 1e-6).")
+    adam_betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas (diffusers' example).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="LR schedule after warmup (diffusers' example: cosine).")
+    warmup_steps: int = Field(500, ge=0, description="Linear LR warmup steps (diffusers' example: 500).")
+    hflip: bool = Field(
+        True, description="Random horizontal flip (diffusers' example; the study's samples include flipped "
+        "copies, Sec. 4.4.1).")
+    ema: bool = Field(
+        True, description="Sample from an exponential moving average of the weights (diffusers' example: --use_ema "
+        "on, with the warmup decay 1 - (1 + step / inv_gamma)^-power, capped at ema_max_decay).",
+    )
+    ema_max_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay cap (diffusers' example: 0.9999).")
+    ema_inv_gamma: float = Field(1.0, gt=0, description="EMA warmup inverse gamma (diffusers' example: 1.0).")
+    ema_power: float = Field(0.75, gt=0, description="EMA warmup power (diffusers' example: 3/4).")
+    grayscale: bool = Field(
+        True, description="One grey channel (ultrasound); images are written as grey RGB PNGs. false: RGB.")
+    inference_steps: int = Field(
+        1000, gt=0, description="Sampling steps: 1000 = DDPM's ancestral sampling over every training step, as "
+        "the study samples; fewer skip steps (diffusers' DDPMScheduler 'leading' spacing), faster but worse.",
+    )
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _group_norm_fits(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 8 or c % 8 for c in value):  # GroupNorm groups and 8-channel attention heads divide them
+            raise ValueError(f"lora.ddpm.block_out_channels {list(value)}: every level needs a positive multiple "
+                             "of 8 channels (GroupNorm groups), e.g. [32, 64, 128]")
+        return value
+
+    @model_validator(mode="after")
+    def _resolution_halves(self) -> DdpmConfig:
+        factor = 2 ** (len(self.block_out_channels) - 1)  # each level but the last halves the image
+        if self.resolution % factor:
+            raise ValueError(f"lora.ddpm.resolution {self.resolution} must be a multiple of {factor} (2 to the "
+                             f"power of the {len(self.block_out_channels) - 1} downsamplings of block_out_channels)")
+        return self
+
+
 def class_phrase(method: str, class_name: str, dreambooth: DreamBoothConfig | None,
                  textual_inversion: TextualInversionConfig | None) -> str:
     """How a prompt names the class under `method`: the class name, 'sks <name>' or '<name-slug>'."""
@@ -138,6 +209,8 @@ def method_prompt(prompt: str, class_name: str, method: str, dreambooth: DreamBo
                   textual_inversion: TextualInversionConfig | None = None) -> str:
     """A class prompt as `method` trains and draws it (module doc): the last mention of the class name
     replaced by its phrase, or the phrase appended when the prompt does not name the class."""
+    if method == "ddpm":  # unconditional: no text goes in; the class name stands for the prompt
+        return class_name
     phrase = class_phrase(method, class_name, dreambooth, textual_inversion)
     if phrase == class_name:
         return prompt

@@ -209,18 +209,27 @@ def train_fold(store: Store, fold: int, examples: list[Example], cfg: LoraConfig
     `progress`: a t2id.raycluster.progress_relay handle that rank 0 tells its optimizer step.
     `prior_examples`: dreambooth_lora's class-prior images; `prompts`: class -> its prompts as the method
     trains them (validation images)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     cache_dir = Path(cache_dir).expanduser().resolve()
     if cfg.base_model == TINY:  # build it once here rather than racing in every worker
         resolve_model_source(TINY, cache_dir)
+    return fit_on_ray_train(
+        train_func, {"lora": cfg, "store": store, "fold": fold, "seed": seed, "examples": examples,
+                     "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress,
+                     "tracking": tracking, "prior_examples": prior_examples, "prompts": prompts},
+        cfg, store, run_name)
+
+
+def fit_on_ray_train(func: Any, loop_config: dict[str, Any], cfg: LoraConfig, store: Store, run_name: str):
+    """Run `func` on Ray Train with the lora section's conventions: lora.num_workers DDP workers, checkpoints
+    under layout.lora.ray_run(run_name) (kept: lora.keep_checkpoints), lora.max_failures restarts, no retry of
+    a UserError. Returns Ray's Result. (Also the trainer of lora.method ddpm, t2id.lora.ddpm.)"""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     storage_path, filesystem = ray_storage(store, layout.lora.ray_storage)
     trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"lora": cfg, "store": store, "fold": fold, "seed": seed, "examples": examples,
-                           "cache_dir": str(cache_dir), "endpoint_url": endpoint_url, "progress": progress,
-                           "tracking": tracking, "prior_examples": prior_examples, "prompts": prompts},
+        func,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

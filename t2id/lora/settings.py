@@ -17,4 +17,9 @@ class LoraSettings(StageSettings):
 
 
 def settings(cfg: T2IDConfig) -> LoraSettings:
-    return LoraSettings(lora=cfg.lora, run_seed=None if cfg.lora.seed is not None else cfg.run.seed)
+    lora = cfg.lora
+    if lora.method == "ddpm":  # its SDXL/LoRA settings unused, so they change nothing (t2id.lora.ddpm.ddpm_view)
+        from t2id.lora.ddpm import ddpm_view
+
+        lora = ddpm_view(lora)
+    return LoraSettings(lora=lora, run_seed=None if cfg.lora.seed is not None else cfg.run.seed)

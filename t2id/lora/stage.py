@@ -9,7 +9,8 @@ Per fold k (DESIGN.md store layout), under `layout.lora.fold(k)`:
   memo          _memo.json (t2id.resume): the fold's identity and output hashes, written last
 lora.method (t2id.lora.methods) changes what a fold trains, never on what: dreambooth_lora prompts
 with the identifier and first draws the class-prior images under prior/ (t2id.lora.prior);
-textual_inversion writes learned_embeds.safetensors + tokens.json instead of an adapter.
+textual_inversion writes learned_embeds.safetensors + tokens.json instead of an adapter; ddpm trains
+one unconditional DDPM per class from scratch instead (t2id.lora.ddpm: ddpm/<class>/, ddpm/models.json).
 Ray Train's checkpoints live under `layout.lora.ray_storage`. A fold whose memo matches (lora
 settings, seed, training examples) and whose outputs are intact is reused, so a killed stage redoes
 only the unfinished folds; an unfinished fold resumes from its last checkpoint (the Ray Train run
@@ -69,7 +70,13 @@ def method_targets(cfg: LoraConfig) -> list[tuple[str, list[str]]]:
 def identity_section(cfg: LoraConfig) -> dict:
     """The lora section as a fold's identity: less `folds` (which only says which folds to train) and, for
     the default method, less the method keys, so adapters trained before lora.method existed stay valid."""
+    if cfg.method == "ddpm":  # the SDXL/LoRA settings it does not read are left out (t2id.lora.ddpm.ddpm_view)
+        from t2id.lora.ddpm import ddpm_view
+
+        cfg = ddpm_view(cfg)
     exclude = {"folds"} | ({"method", "dreambooth", "textual_inversion", "layout"} if cfg.method == "lora" else set())
+    if cfg.ddpm is None:  # added with lora.method ddpm: folds trained before it stay valid
+        exclude.add("ddpm")
     return cfg.model_dump(mode="json", exclude=exclude)
 
 
@@ -115,6 +122,10 @@ def train_one_fold(ctx: StageContext, s: LoraSettings, fold: int, seed: int, exa
 
     store = ctx.store
     cfg = s.lora
+    if cfg.method == "ddpm":  # no base model: one DDPM per class from scratch
+        from t2id.lora.ddpm import train_ddpm_fold
+
+        return train_ddpm_fold(ctx, s, fold, seed, examples, memo, advance)
     prior_examples, prior = None, None
     if cfg.method == "dreambooth_lora":  # the base model draws the class priors first (on Ray actors)
         from t2id.lora.prior import make_prior_images
@@ -161,7 +172,12 @@ def run(ctx: StageContext, s: LoraSettings) -> StageResult:
     if s.lora.layout is not None:  # layout_lora: each image's prompt also states its boxes (t2id.lora.location)
         examples_of = {fold: with_layout(store, fold, class_names, examples, s.lora.layout)
                        for fold, examples in examples_of.items()}
-    steps = {fold: fold_steps(s, len(examples)) for fold, examples in examples_of.items()}
+    if s.lora.method == "ddpm":
+        from t2id.lora.ddpm import fold_steps as ddpm_fold_steps
+
+        steps = {fold: ddpm_fold_steps(s.lora, examples) for fold, examples in examples_of.items()}
+    else:
+        steps = {fold: fold_steps(s, len(examples)) for fold, examples in examples_of.items()}
     total = None if None in steps.values() else sum(steps.values())
     with ctx.events.progress("lora: optimizer steps, all folds", total) as advance:
         for fold in folds:

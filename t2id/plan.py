@@ -254,6 +254,18 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
                 raise UserError(f"lora: fold {f} would train on {data.rare_train[f]} images: {exc}") from exc
             steps.append(sched.total_steps)
             seen.append(sched.total_steps * sched.global_batch)
+        # dreambooth_lora: every instance image goes through the UNet beside one class-prior image (one
+        # forward of twice the batch), and the base model first draws the prior images on the generate pool.
+        prior_images, prior_wall, prior_gpus, prior_note = 0, 0.0, 1.0, ""
+        if lo.method == "dreambooth_lora":
+            db = lo.dreambooth
+            seen = [2 * n for n in seen]
+            prior_images = len(folds) * len(classes) * db.prior_images_per_class
+            p_rate, p_row = generation_rate(gpu_type, cfg.generate.batched_pipeline, db.prior_steps, lo.resolution,
+                                            lo.resolution)
+            prior_gpus = float(min(cfg.generate.concurrency or n_gpus, n_gpus))
+            prior_wall = prior_images / p_rate / prior_gpus
+            prior_note = f"; prior images {note(p_row)}"
         train_s = sum(seen) / rate  # GPU-seconds (data parallel: the work splits over the workers)
         # Validation images: rank 0 draws them (the other workers wait), unbatched, after every
         # validation_every_epochs epochs and after the last.
@@ -264,10 +276,14 @@ def make_plan(cfg: T2IDConfig, config_name: str, gpu_type: str = "h200", gpus: i
         workers = lo.num_workers
         plans.append(StagePlan(
             "lora", f"{len(folds)} folds x ~{round(sum(data.rare_train[f] for f in folds) / len(folds))} images x "
-            f"{lo.epochs} epochs = {sum(steps):,} steps of batch {lo.batch_size}; {val_images} validation images",
-            workers, _hours(train_s + val_wall * workers), _hours(train_s / workers + val_wall), lo.use_gpu,
-            f"{note(row)}; validation {note(val_row)}",
-            {"folds": folds, "steps": steps, "images_processed": seen, "validation_images": val_images}))
+            f"{lo.epochs} epochs = {sum(steps):,} steps of batch {lo.batch_size}; {val_images} validation images"
+            + (f"; {prior_images:,} class-prior images, each step with as many prior as instance images"
+               if prior_images else ""),
+            workers, _hours(train_s + val_wall * workers + prior_wall * prior_gpus),
+            _hours(train_s / workers + val_wall + prior_wall), lo.use_gpu,
+            f"{note(row)}; validation {note(val_row)}{prior_note}",
+            {"folds": folds, "steps": steps, "images_processed": seen, "validation_images": val_images,
+             "prior_images": prior_images}))
 
     g = cfg.generate
     gen_gpus = float(min(g.concurrency or n_gpus, n_gpus))

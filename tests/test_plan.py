@@ -54,6 +54,25 @@ def test_paper_plan_counts_and_hours():
     assert all(t.source.startswith(("measured", "estimate")) for t in plan.throughputs)
 
 
+def test_dreambooth_plan_counts_the_prior_images_and_the_doubled_forward():
+    """lora.method dreambooth_lora: the base model draws prior_images_per_class per fold and class, and every
+    step pushes as many prior images as instance images through the UNet."""
+    import yaml
+
+    from t2id.config import validate_config
+
+    raw = yaml.safe_load(PAPER.read_text())
+    plain = {s.stage: s for s in make_plan(validate_config(raw), str(PAPER)).stages}["lora"]
+    raw["lora"] = {**raw.get("lora", {}), "method": "dreambooth_lora", "dreambooth": {"prior_images_per_class": 50}}
+    db = {s.stage: s for s in make_plan(validate_config(raw), str(PAPER)).stages}["lora"]
+    assert db.counts["prior_images"] == 4 * len(raw["lora"]["target_classes"]) * 50 > 0  # 4 folds
+    assert plain.counts["prior_images"] == 0
+    assert db.counts["steps"] == plain.counts["steps"]
+    assert db.counts["images_processed"] == [2 * n for n in plain.counts["images_processed"]]
+    assert db.gpu_hours > 1.5 * plain.gpu_hours and db.wall_hours > 1.5 * plain.wall_hours
+    assert "class-prior images" in db.work and "prior images" in db.basis
+
+
 def test_more_gpus_shorten_the_wall_time_not_the_gpu_hours():
     cfg = load_config(PAPER)
     four, eight = make_plan(cfg, "x", gpus=4), make_plan(cfg, "x", gpus=8)

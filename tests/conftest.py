@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -70,15 +71,40 @@ def store(request, tmp_path):
     return open_store(f"s3://{bucket}/prefix", endpoint_url=request.getfixturevalue("s3_server"))
 
 
+def _cpus_all_free(ray, wait_s: float = 5.0) -> bool:
+    """True once every CPU of the local Ray is free again (actors and placement groups release theirs
+    asynchronously); False if some stay held for `wait_s`, e.g. by an actor a test left behind."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A real local Ray with 2 CPUs, started once per test module."""
+def ray_local(s3_server) -> Iterator[None]:
+    """A real local Ray with 2 CPUs, shared by consecutive test modules: starting one (and its first
+    worker processes) costs seconds per module. It is shut down after a module that leaves CPUs held, so
+    the next module starts on a clean one, and at the end of the session. The S3 test server starts
+    first, so Ray's processes inherit AWS_ENDPOINT_URL."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    if ray.is_initialized() and not _cpus_all_free(ray):
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_exit() -> Iterator[None]:
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -243,14 +243,14 @@ def bench_detector(device: str, model: str, imgsz: int, subjects: int, frames: i
             "img_s": round(images / seconds, 2), "optimizer_steps": result.optimizer_steps}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="The tiny SDXL on CPU, tiny sizes (what the tests run).")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="Spec dense bf16/fp16 peak (H100/H200: 989).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--compile", action="store_true",
                         help="Also time lora.compile and generate.compile (adds their compilation, minutes).")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.tiny:
         device, components_fn = "cpu", tiny_sdxl_components

@@ -1,6 +1,6 @@
 """Ray Train layer: 2 CPU workers with gloo (real DDP), checkpoints in the run store (local and the
-S3 test server), a worker process killed from outside mid-run, resume equal to not stopping; the
-stage reuses a trained fold through its memo and retrains it under --force."""
+S3 test server), a worker process killed from outside mid-run, resume equal to not stopping. (The
+stage's fold memo and --force: tests/test_verify_outputs.py, on a real pipeline run.)"""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ import json
 import threading
 
 import psutil
-import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_lora_train import make_examples
 
 from t2id import layout
-from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
 from t2id.lora.config import LoraConfig
 from t2id.lora.ray_layer import train_fold
-from t2id.lora.settings import LoraSettings
-from t2id.runner import StageContext
 from t2id.store import open_store
 from t2id.tracking import Tracking, start
 
@@ -176,57 +172,3 @@ def test_text_encoder_lora_under_ddp(ray_local, tmp_path):
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(prefix) for k in adapter), prefix
     assert any(v.abs().max() > 0 for k, v in adapter.items() if k.startswith("text_encoder_2.") and ".up." in k)
-
-
-def _run_with_one_fold(tmp_path) -> object:
-    """A run store holding data + split outputs: 8 images of the target classes in fold 1 (fold 0's
-    TRAIN part), 2 others in fold 0."""
-    store = open_store(str(tmp_path / "store"))
-    names = ["thyroid cartilage", "cricoid cartilage", "tracheal ring", "strap muscle", "thyroid lobe", "vocal fold"]
-    store.write_text(layout.data.classes, json.dumps({"names": names}))
-    rows, folds = [], []
-    for i, example in enumerate(make_examples(store, n=10)):
-        fold = 0 if i >= 8 else 1
-        cls = 2 if example.class_name == "tracheal ring" else 5
-        rows.append({"image_id": example.image_id, "uri": store.uri(example.key), "width": 88, "height": 72,
-                     "group": f"s{fold}", "source": "real", "sha256": example.sha256,
-                     "boxes": [{"class_id": cls, "x": .5, "y": .5, "w": .2, "h": .2}]})
-        folds.append({"image_id": example.image_id, "fold": fold, "group": f"s{fold}"})
-    store.write_table(layout.data.manifest, pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
-    store.write_table(layout.split.folds, pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
-    return store
-
-
-def test_stage_reuses_a_trained_fold(ray_local, tmp_path):
-    from t2id.data.manifest import load_classes
-    from t2id.lora.stage import fold_examples, fold_memo, fold_seed, run
-
-    store = _run_with_one_fold(tmp_path)
-    s = LoraSettings(lora=_cfg(num_workers=1, epochs=1, validation_images=0, folds=[0]), run_seed=3)
-
-    def ctx(force=False):
-        return StageContext(store=store, stage="lora", cache_dir=tmp_path / "cache", force=force)
-
-    first = run(ctx(), s)
-    fold0 = first.summary["folds"]["0"]
-    assert (fold0["reused"], fold0["images"], fold0["steps"]) == (False, 8, 2)
-    memo = json.loads(store.read_text(layout.memo(layout.lora.fold(0))))
-    assert set(memo["outputs"]) == {layout.lora.adapter(0), layout.lora.train_ids(0), layout.lora.train_log(0)}
-    assert layout.lora.adapter(0) in first.outputs and layout.memo(layout.lora.fold(0)) not in first.outputs
-    adapter_sha = store.sha256(layout.lora.adapter(0))
-
-    again = run(ctx(), s)  # same settings and examples: reused, no training
-    assert again.summary["folds"]["0"]["reused"] is True and again.outputs == first.outputs
-
-    def done(settings: LoraSettings) -> bool:
-        targets = [(c.name, c.prompts) for c in settings.lora.target_classes]
-        examples = fold_examples(store, 0, load_classes(store), targets)
-        seed = fold_seed(settings.run_seed, 0, settings.lora.seed)
-        return fold_memo(ctx(), settings, 0, seed, examples).done()
-
-    assert done(s)
-    assert not done(s.model_copy(update={"lora": s.lora.model_copy(update={"lr": 2e-3})}))
-    assert not done(s.model_copy(update={"run_seed": 4}))  # run.seed derives the fold's training seed
-    assert done(s.model_copy(update={"lora": s.lora.model_copy(update={"folds": [0, 1]})}))  # not the fold's identity
-
-    # --force retrains from scratch: tests/test_verify_outputs.py::test_force_lora_rewrites_a_truncated_adapter

@@ -224,8 +224,51 @@ def lora_run(ray_local, torch_one_thread, tmp_path_factory):
                  "validation_images": 0, "folds": [0]},
     })
     stages = {**REAL, "lora": LORA_STAGE}
-    assert [o.status for o in run_pipeline(cfg, stages=stages)] == ["ran", "ran", "ran"]
-    return cfg, stages
+    outcomes = run_pipeline(cfg, stages=stages)
+    assert [o.status for o in outcomes] == ["ran", "ran", "ran"]
+    return cfg, stages, outcomes[-1]
+
+
+def test_lora_stage_reuses_a_trained_fold_through_its_memo(lora_run):
+    """The fold memo: the same settings and examples reuse the fold without training; the training settings
+    and run.seed are the fold's identity, the list of folds to train is not. (Runs before the truncation
+    tests below, which retrain the same store.)"""
+    from t2id.data.manifest import load_classes
+    from t2id.lora.stage import STAGE as LORA_STAGE
+    from t2id.lora.stage import fold_examples, fold_memo, fold_seed
+    from t2id.lora.train import make_schedule
+    from t2id.runner import StageContext
+
+    cfg, _, first = lora_run
+    store = run_store(cfg)
+    s = LORA_STAGE.settings(cfg)
+
+    def ctx() -> StageContext:
+        return StageContext(store=store, stage="lora", cache_dir=cfg.store.cache_dir)
+
+    def examples(settings):
+        return fold_examples(store, 0, load_classes(store), [(c.name, c.prompts) for c in settings.lora.target_classes])
+
+    fold0 = first.summary["folds"]["0"]
+    n = len(examples(s))
+    assert n > 0 and (fold0["reused"], fold0["images"]) == (False, n)
+    assert fold0["steps"] == make_schedule(n, s.lora, 1).total_steps
+    memo = json.loads(store.read_text(layout.memo(layout.lora.fold(0))))
+    assert set(memo["outputs"]) == {layout.lora.adapter(0), layout.lora.train_ids(0), layout.lora.train_log(0)}
+    outputs = set(read_marker(store, "lora")["outputs"])
+    assert layout.lora.adapter(0) in outputs and layout.memo(layout.lora.fold(0)) not in outputs
+
+    again = LORA_STAGE.run(ctx(), s)  # the stage itself, not the runner (whose marker would skip it)
+    assert again.summary["folds"]["0"]["reused"] is True and set(again.outputs) == outputs
+
+    def done(settings) -> bool:
+        seed = fold_seed(settings.run_seed, 0, settings.lora.seed)
+        return fold_memo(ctx(), settings, 0, seed, examples(settings)).done()
+
+    assert done(s)
+    assert not done(s.model_copy(update={"lora": s.lora.model_copy(update={"lr": 2e-3})}))
+    assert not done(s.model_copy(update={"run_seed": s.run_seed + 1}))  # run.seed derives the fold's training seed
+    assert done(s.model_copy(update={"lora": s.lora.model_copy(update={"folds": [0, 1]})}))  # not the fold's identity
 
 
 def _truncate_adapter(store) -> tuple[str, int]:
@@ -241,7 +284,7 @@ def _truncate_adapter(store) -> tuple[str, int]:
 def test_force_lora_rewrites_a_truncated_adapter(lora_run):
     """Issue 18: "--force lora reuses a fold with a truncated adapter and records the corrupt file's
     hash". On this code the fold memo checks its outputs and --force ignores it: the fold is retrained."""
-    cfg, stages = lora_run
+    cfg, stages, _ = lora_run
     store = run_store(cfg)
     trained = hashlib.sha256(store.read_bytes(layout.lora.adapter(0))).hexdigest()
     key, size = _truncate_adapter(store)
@@ -260,7 +303,7 @@ def test_force_lora_rewrites_a_truncated_adapter(lora_run):
 
 @pytest.mark.slow
 def test_plain_rerun_catches_a_truncated_adapter(lora_run):
-    cfg, stages = lora_run
+    cfg, stages, _ = lora_run
     store = run_store(cfg)
     key, size = _truncate_adapter(store)
     events = Recorded()

@@ -8,12 +8,14 @@ import json
 import threading
 
 import psutil
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_lora_train import make_examples
 
 from t2id import layout
+from t2id.data.manifest import FOLDS_SCHEMA, IMAGE_SCHEMA
 from t2id.lora.config import LoraConfig
 from t2id.lora.ray_layer import train_fold
 from t2id.store import open_store
@@ -172,3 +174,22 @@ def test_text_encoder_lora_under_ddp(ray_local, tmp_path):
     for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
         assert any(k.startswith(prefix) for k in adapter), prefix
     assert any(v.abs().max() > 0 for k, v in adapter.items() if k.startswith("text_encoder_2.") and ".up." in k)
+
+
+def _run_with_one_fold(tmp_path) -> object:
+    """A run store holding data + split outputs (for tests/test_generators.py and tests/test_ddpm.py): 8 images of the target classes in fold 1 (fold 0's
+    TRAIN part), 2 others in fold 0."""
+    store = open_store(str(tmp_path / "store"))
+    names = ["thyroid cartilage", "cricoid cartilage", "tracheal ring", "strap muscle", "thyroid lobe", "vocal fold"]
+    store.write_text(layout.data.classes, json.dumps({"names": names}))
+    rows, folds = [], []
+    for i, example in enumerate(make_examples(store, n=10)):
+        fold = 0 if i >= 8 else 1
+        cls = 2 if example.class_name == "tracheal ring" else 5
+        rows.append({"image_id": example.image_id, "uri": store.uri(example.key), "width": 88, "height": 72,
+                     "group": f"s{fold}", "source": "real", "sha256": example.sha256,
+                     "boxes": [{"class_id": cls, "x": .5, "y": .5, "w": .2, "h": .2}]})
+        folds.append({"image_id": example.image_id, "fold": fold, "group": f"s{fold}"})
+    store.write_table(layout.data.manifest, pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+    store.write_table(layout.split.folds, pa.Table.from_pylist(folds, schema=FOLDS_SCHEMA))
+    return store

@@ -37,7 +37,11 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(VENV)/bin/t2id demo
 
-test: $(STAMP) lint-iac
+# The two venvs install side by side (pip unpacks on one core each; they share only pip's cache,
+# whose writes are atomic), then the IaC lint, then the tests.
+test:
+	@$(MAKE) --no-print-directory -j2 $(STAMP) $(IAC_STAMP)
+	@$(MAKE) --no-print-directory lint-iac
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Regenerate the locks from pyproject.toml (+ requirements.in) and requirements-iac.in with the

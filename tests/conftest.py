@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,3 +120,28 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def lora_cli_run(tmp_path_factory) -> SimpleNamespace:
+    """One `t2id run` of data, split and lora (tiny SDXL, 1 Ray Train worker, 1 epoch, fold 0) in a
+    subprocess, as on a user's terminal. Shared because a LoRA run costs ~30 s: tests/test_console.py
+    checks its console and stage log, tests/test_verify_outputs.py reruns and damages its store.
+    Yields the config path, the finished process, the lora stage log as written then, and the store."""
+    from t2id import layout
+
+    root = tmp_path_factory.mktemp("lora-cli")
+    config = root / "config.yaml"
+    config.write_text(
+        "run: {id: quiet, seed: 0, stages: [data, split, lora]}\n"
+        f"store: {{uri: '{root / 'store'}', cache_dir: '{root / 'cache'}'}}\n"
+        "data: {source: phantom, phantom: {subjects: 4, frames_per_subject: 6, size: 64}}\n"
+        "split: {folds: 2}\n"
+        "cluster: {num_cpus: 2}\n"
+        "lora: {base_model: tiny, rank: 4, alpha: 4, resolution: 64, epochs: 1, batch_size: 2, "
+        "mixed_precision: 'no', num_workers: 1, checkpoint_every_steps: 100, validation_images: 0, folds: [0]}\n")
+    res = subprocess.run([sys.executable, "-m", "t2id.cli", "run", str(config)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "COLUMNS": "120"}, timeout=600)
+    log = root / "store" / "quiet" / layout.stage_log("lora")
+    return SimpleNamespace(config=config, res=res, lora_log=log.read_text() if log.exists() else "",
+                           store=root / "store" / "quiet")

@@ -138,15 +138,12 @@ def test_stage_logs_catch_output_below_python(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_and_training_output_go_to_the_lora_log(tmp_path):
-    lora = ("{base_model: tiny, rank: 4, alpha: 4, resolution: 64, epochs: 1, batch_size: 2, "
-            "mixed_precision: 'no', num_workers: 1, validation_images: 0, folds: [0]}")
-    res = t2id("run", str(write_config(tmp_path, ["data", "split", "lora"], lora=lora)), timeout=600)
+def test_ray_and_training_output_go_to_the_lora_log(lora_cli_run):
+    res = lora_cli_run.res  # `t2id run` of data, split and lora in a subprocess (tests/conftest.py)
     assert res.returncode == 0, res.stderr
     lines = console_lines(res)
     assert any(line.startswith("✓ lora: 1 adapter(s), 2 steps") for line in lines), lines
     assert len(lines) <= 45
     console = res.stdout + res.stderr
-    log = (tmp_path / "store" / "quiet" / layout.stage_log("lora")).read_text()
     for noise in ("Started a local Ray instance", "RayTrainWorker", "TrainController"):
-        assert noise in log and noise not in console
+        assert noise in lora_cli_run.lora_log and noise not in console

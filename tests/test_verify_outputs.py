@@ -210,23 +210,16 @@ def test_real_stages_catch_and_repair_damage(phantom_cfg, fault):
 # The real lora stage: a truncated adapter, then `--force lora` (and a plain rerun).
 
 @pytest.fixture(scope="module")
-def lora_run(ray_local, torch_one_thread, tmp_path_factory):
+def lora_run(lora_cli_run, ray_local, torch_one_thread):
+    """The store of a real `t2id run` of data, split and lora (tests/conftest.py); reruns here are in-process."""
+    from t2id.config import load_config
     from t2id.lora.stage import STAGE as LORA_STAGE
 
-    root = tmp_path_factory.mktemp("lora-run")
-    src = write_phantom(root / "ph", subjects=4, frames_per_subject=2, size=48)
-    cfg = validate_config({
-        "run": {"id": "r", "seed": 0, "stages": ["data", "split", "lora"]},
-        "store": {"uri": str(root / "store"), "cache_dir": str(root / "cache")},
-        "data": {"source": str(src)}, "split": {"folds": 2},
-        "lora": {"base_model": "tiny", "rank": 4, "alpha": 4, "resolution": 64, "epochs": 1, "batch_size": 2,
-                 "lr": 1e-3, "mixed_precision": "no", "num_workers": 1, "checkpoint_every_steps": 100,
-                 "validation_images": 0, "folds": [0]},
-    })
+    assert lora_cli_run.res.returncode == 0, lora_cli_run.res.stderr
+    cfg = load_config(lora_cli_run.config)
     stages = {**REAL, "lora": LORA_STAGE}
-    outcomes = run_pipeline(cfg, stages=stages)
-    assert [o.status for o in outcomes] == ["ran", "ran", "ran"]
-    return cfg, stages, outcomes[-1]
+    first = read_marker(run_store(cfg), "lora")
+    return cfg, stages, first
 
 
 def test_lora_stage_reuses_a_trained_fold_through_its_memo(lora_run):
@@ -249,7 +242,7 @@ def test_lora_stage_reuses_a_trained_fold_through_its_memo(lora_run):
     def examples(settings):
         return fold_examples(store, 0, load_classes(store), [(c.name, c.prompts) for c in settings.lora.target_classes])
 
-    fold0 = first.summary["folds"]["0"]
+    fold0 = first["summary"]["folds"]["0"]
     n = len(examples(s))
     assert n > 0 and (fold0["reused"], fold0["images"]) == (False, n)
     assert fold0["steps"] == make_schedule(n, s.lora, 1).total_steps

@@ -173,7 +173,7 @@ def bench_generate(components_fn, device: str, resolution: int, steps: int, batc
                    repeats: int, dtype: torch.dtype, compile: bool = False) -> list[dict[str, Any]]:
     """t2id's generation path (LoRA fused, batched, one seeded generator per image) vs plain diffusers; then
     the same with generate.channels_last, and with generate.compile when asked (its first call compiles)."""
-    from t2id.lora.models import speed_up
+    from t2id.lora.models import speed_up_pipeline
 
     from diffusers import StableDiffusionXLPipeline
 
@@ -211,12 +211,11 @@ def bench_generate(components_fn, device: str, resolution: int, steps: int, batc
     for batch in batches:
         rows.append({"path": "t2id: adapter fused, batched", "batch": batch,
                      "img_s": round(images_per_second(batch, repeats), 3)})
-    speed_up(pipe.unet, channels_last=True, compile=False)
-    pipe.vae.to(memory_format=torch.channels_last)
+    speed_up_pipeline(pipe, channels_last=True, compile=False)
     rows.append({"path": "t2id: fused, batched, channels_last", "batch": batches[-1],
                  "img_s": round(images_per_second(batches[-1], repeats), 3)})
     if compile:
-        speed_up(pipe.unet, channels_last=False, compile=True)
+        speed_up_pipeline(pipe, channels_last=False, compile=True)
         rows.append({"path": "t2id: fused, batched, channels_last, compiled", "batch": batches[-1],
                      "img_s": round(images_per_second(batches[-1], repeats), 3)})
     for row in rows:

@@ -80,7 +80,7 @@ class ImageGenerator:
     def __init__(self, settings: GenerateSettings, store: Store, fold: int | None, cache_dir: str,
                  endpoint_url: str | None = None, device: str = "cpu", torch_threads: int | None = None) -> None:
         """`fold`: the adapter to load now (None: load it with the first batch, which names its fold)."""
-        from t2id.lora.models import load_sdxl_pipeline, speed_up
+        from t2id.lora.models import load_sdxl_pipeline, speed_up_pipeline
 
         s = GenerateSettings.model_validate(settings.model_dump())
         if torch_threads:
@@ -107,9 +107,7 @@ class ImageGenerator:
 
             cls = getattr(diffusers, SCHEDULER_CLASSES[g.scheduler])
             self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
-        speed_up(self.pipe.unet, g.channels_last, g.compile)
-        if g.channels_last:
-            self.pipe.vae.to(memory_format=torch.channels_last)
+        speed_up_pipeline(self.pipe, g.channels_last, g.compile)
         self.fold: int | None = None  # the fold whose adapter is fused into the weights now
         self._base_weights: dict[tuple[str, str], torch.Tensor] = {}
         if fold is not None:

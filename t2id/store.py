@@ -64,8 +64,10 @@ class Store(ABC):
         """A store rooted at `prefix` under this one (e.g. a run's folder)."""
 
     @abstractmethod
-    def write_bytes(self, key: str, data: bytes) -> str:
-        """Atomically write `data` at `key`; return its sha256."""
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> str:
+        """Atomically write `data` at `key`; return its sha256. `durable=False` lets a local store skip the
+        fsync (an S3 PUT is durable either way): only for an object that is verified whenever it is read, so
+        that losing or tearing it in an OS crash merely has it made again (generate's per-image records)."""
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -135,8 +137,8 @@ class Store(ABC):
         return uri[len(root):]
 
     # Derived helpers: same on every backend.
-    def write_text(self, key: str, text: str) -> str:
-        return self.write_bytes(key, text.encode("utf-8"))
+    def write_text(self, key: str, text: str, durable: bool = True) -> str:
+        return self.write_bytes(key, text.encode("utf-8"), durable)
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
@@ -183,10 +185,11 @@ class LocalStore(Store):
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._root / _check_key(prefix.strip("/")))
 
-    def _publish(self, key: str, fill, exclusive: bool = False) -> str:
-        """Fill a temp file beside `key`, fsync it, then move it into place (os.replace), or with
-        `exclusive` hard-link it there: link(2) fails when the key exists, exactly like O_CREAT|O_EXCL
-        (also on NFS), and the object appears complete (FileExistsError then, nothing written)."""
+    def _publish(self, key: str, fill, exclusive: bool = False, durable: bool = True) -> str:
+        """Fill a temp file beside `key`, fsync it (unless not `durable`), then move it into place (os.replace),
+        or with `exclusive` hard-link it there: link(2) fails when the key exists, exactly like O_CREAT|O_EXCL
+        (also on NFS), and the object appears complete (FileExistsError then, nothing written). Without the
+        fsync the write is still atomic for every reader; only an OS crash may lose or empty it."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # os.open with 0o666 lets the kernel apply the umask, as for any file a program creates;
@@ -197,7 +200,8 @@ class LocalStore(Store):
             with os.fdopen(fd, "wb") as fh:
                 digest = fill(fh)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
             if exclusive:
                 os.link(tmp, dest)
                 os.unlink(tmp)
@@ -211,12 +215,12 @@ class LocalStore(Store):
             raise
         return digest
 
-    def write_bytes(self, key: str, data: bytes) -> str:
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> str:
         def fill(fh):
             fh.write(data)
             return sha256_bytes(data)
 
-        return self._publish(key, fill)
+        return self._publish(key, fill, durable=durable)
 
     def write_file(self, key: str, local_path: str | os.PathLike[str]) -> str:
         def fill(fh):
@@ -320,8 +324,8 @@ class S3Store(Store):
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
         return code in ("404", "NoSuchKey", "NotFound")
 
-    def write_bytes(self, key: str, data: bytes) -> str:
-        digest = sha256_bytes(data)
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> str:
+        digest = sha256_bytes(data)  # a PUT is durable once it returns: `durable` changes nothing here
         self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": digest})
         return digest
 

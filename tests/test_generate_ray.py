@@ -314,7 +314,7 @@ from t2id.generate.settings import GenerateSettings
 from t2id.generate.worker import ImageGenerator
 from t2id.store import open_store
 ray.init(address=sys.argv[1], log_to_driver=False)
-g = GenerateConfig(images_per_class=8, width=64, height=64, steps=2, batch_size=1, concurrency=1,
+g = GenerateConfig(images_per_class=16, width=64, height=64, steps=2, batch_size=1, concurrency=1,
                    quality={"min_std": 0, "min_entropy": 0})
 s = GenerateSettings(generate=g, target_classes=[{"name": "vocal fold", "prompts": ["a vocal fold"]}],
                      base_model="tiny", allow_network=False, run_seed=0, use_adapter=True, folds=None,
@@ -335,20 +335,20 @@ def test_killed_driver_then_rerun_completes_the_plan_exactly(ray_local, tiny, tm
     records = layout.generate.records(0)
     try:
         deadline = time.monotonic() + 90
-        while len(store.list(records)) < 2:
+        while len(store.list(records)) < 2:  # a tiny image takes ~40 ms: poll often, 16 of them leave room
             assert proc.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, "no image appeared within 90 s"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = len(store.list(records))
-    assert 2 <= done_before < 8 and not store.exists(layout.generate.manifest(0))
+    assert 2 <= done_before < 16 and not store.exists(layout.generate.manifest(0))
 
     vocal_fold = [PlanClass("vocal fold", 5, ("a vocal fold",))]
-    s = gen_settings(vocal_fold, images_per_class=8, batch_size=1, concurrency=1)
+    s = gen_settings(vocal_fold, images_per_class=16, batch_size=1, concurrency=1)
     outcome = generate(store, s, ray_executor(store, s, tiny), vocal_fold)
-    assert outcome.reused >= done_before and outcome.reused + outcome.generated == 8
+    assert outcome.reused >= done_before and outcome.reused + outcome.generated == 16
     assert_store_equals_plan(store, outcome)
 
 

@@ -162,6 +162,20 @@ def test_local_writer_failure_removes_temp_file(tmp_path):
     assert list((tmp_path / "s" / "x").iterdir()) == []
 
 
+def test_local_write_skips_fsync_only_when_not_durable(tmp_path, monkeypatch):
+    """generate's per-image records are written with durable=False: the same atomic publish, minus the fsync
+    (every other object, and the PNG before its record, is fsynced)."""
+    store = LocalStore(tmp_path / "s")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store.write_bytes("a.png", b"png")
+    assert len(synced) == 1
+    assert store.write_text("a.json", '{"k": 1}', durable=False) == hashlib.sha256(b'{"k": 1}').hexdigest()
+    assert len(synced) == 1 and store.read_text("a.json") == '{"k": 1}'
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a.json", "a.png"]  # no temp file left
+
+
 # Retries: transient S3 errors (503) are retried with backoff.
 
 class _FlakyProxy(http.server.BaseHTTPRequestHandler):

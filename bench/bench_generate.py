@@ -11,19 +11,25 @@ Compared (issue 17 goals in brackets):
   - Ray path, 2 actors x 1 CPU each (>= 1.8x the 1-actor figure; needs 2 idle cores)
 The plan is split into --folds folds (2 by default, base model without adapters) run one after the other on
 one pool, as the stage does, so the figure includes the fold switch.
-Two figures per configuration:
-  - end to end: wall time including loading the pipeline (the serial script starts Python, imports
-    and loads it once; each actor starts a Python process, imports and loads it once for all folds)
-    and, for Ray, listing/verifying the store and writing the records and manifests: what a user
-    waits for. Ratios are to the serial script; the in-process loop's ratio is printed beside it;
-  - steady state: images/s between the first and the last finished image (serial) or batch (Ray),
-    i.e. without the fixed start-up cost, which a 300-images-per-class run amortizes.
+Two kinds of figure:
+  - end to end, one fresh run per configuration: wall time including loading the pipeline (the serial
+    script starts Python, imports and loads it once; each actor starts a Python process, imports and loads
+    it once for all folds) and, for Ray, listing/verifying the store and writing the records and manifests:
+    what a user waits for. Ratios are to the serial script; the in-process loop's ratio is printed beside it;
+  - steady state, in --rounds interleaved rounds on warm pipelines: each round draws --images/--rounds
+    images with the in-process serial loop, the warm 1-actor pool and the warm 2-actor pool (in this order,
+    then reversed in the next round, so a linear drift cancels out), and measures images/s while every
+    worker is busy (`steady_rate`: no start-up cost, which a 300-images-per-class run amortizes, and no
+    drain at the end of a round). The ratios are paired within a round and the median over rounds is the
+    figure: this machine's speed drifts by 10-20% over a minute, and configurations run one after
+    the other would compare different machines. Every round's ratios are printed.
 
     .venv/bin/python bench/bench_generate.py                 # 24 images per configuration
-    .venv/bin/python bench/bench_generate.py --images 1000 --only-ray 2   # the 1,000-image run
+    .venv/bin/python bench/bench_generate.py --images 1000   # issue 17's 1,000-image comparison
+    .venv/bin/python bench/bench_generate.py --images 1000 --only-ray 2   # one Ray run, its peak memory
 
-Prints one line per configuration and the ratios to the reference; with --only-ray, wall time and
-peak memory (driver + actors, resident set) of one Ray run.
+Prints one line per end-to-end configuration, one per steady round and the medians; with --only-ray, wall
+time and peak memory (driver + actors, resident set) of one Ray run.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -47,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only-ray", type=int, default=None, metavar="WORKERS",
                         help="skip the comparison; one Ray run with this many actors, report wall time + peak memory")
     parser.add_argument("--folds", type=int, default=2, help="folds the images are split into (one pool)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the steady-state comparison")
     parser.add_argument("--cache", default=None, help="model cache dir (default: a temp dir)")
     parser.add_argument("--serial-child", default=None, metavar="OUT",
                         help=argparse.SUPPRESS)  # internal: run the serial loop into OUT, print its timings as JSON
@@ -88,11 +96,11 @@ class PeakMemory:
         self._thread.join()
 
 
-def make_settings(args, workers: int):
+def make_settings(args, workers: int, images_per_fold: int | None = None):
     from t2id.generate.config import GenerateConfig
     from t2id.generate.settings import GenerateSettings
 
-    g = GenerateConfig(images_per_class=args.images // args.folds, width=args.size, height=args.size,
+    g = GenerateConfig(images_per_class=images_per_fold or args.images // args.folds, width=args.size, height=args.size,
                        steps=args.steps,
                        batch_size=args.batch_size, concurrency=workers, cpus_per_actor=1,
                        quality={"min_std": 0, "min_entropy": 0})  # no top-up: same image count everywhere
@@ -117,27 +125,23 @@ def plan_for(args) -> list[dict]:
             for row in initial_plan(0, fold, plan_classes(), gen_params(s, ""), args.images // args.folds)]
 
 
-def steady_rate(stamps: list[tuple[float, int]]) -> float:
-    """Images/s after the first finished unit: (images after it) / (time from it to the last one)."""
-    if len(stamps) < 2:
+def steady_rate(stamps: list[tuple[float, int]], parallel: int = 1) -> float:
+    """Images/s while all `parallel` workers are busy: from the `parallel`-th finished batch (each worker's
+    first, the ramp-up) to the `parallel`-th last one (before it, the drain: workers that ran out of batches
+    sit idle while the others finish); (images finished in that window) / (its length)."""
+    window = stamps[parallel - 1:len(stamps) - parallel + 1]
+    if len(window) < 2:
         return float("nan")
-    return sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+    return sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
 
 
-def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
-    """A plain diffusers loop over the plan: load once, one call per batch, PNG to a local store."""
+def serial_loop(args, pipe, rows: list[dict], store) -> list[tuple[float, int]]:
+    """The plain diffusers loop: one call per batch, PNG to a local store; (time, images) per finished batch."""
     import torch
 
     from t2id.generate.worker import png_bytes
-    from t2id.lora.models import load_sdxl_pipeline
-    from t2id.store import open_store
 
-    torch.set_num_threads(1)
-    store = open_store(str(out))
-    rows = plan_for(args)
     stamps = []
-    t0 = time.perf_counter()
-    pipe = load_sdxl_pipeline("tiny", cache)
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start:start + args.batch_size]
         generators = [torch.Generator("cpu").manual_seed(row["seed"]) for row in batch]
@@ -148,6 +152,20 @@ def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
         for row, image in zip(batch, images):
             store.write_bytes(row["key"], png_bytes((image.clip(0, 1) * 255).round().astype("uint8")))
         stamps.append((time.perf_counter(), len(batch)))
+    return stamps
+
+
+def serial_reference(args, cache: Path, out: Path) -> tuple[float, float]:
+    """The serial loop over the whole plan, the pipeline load included; (wall seconds, steady images/s)."""
+    import torch
+
+    from t2id.lora.models import load_sdxl_pipeline
+    from t2id.store import open_store
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    pipe = load_sdxl_pipeline("tiny", cache)
+    stamps = serial_loop(args, pipe, plan_for(args), open_store(str(out)))
     return time.perf_counter() - t0, steady_rate(stamps)
 
 
@@ -190,7 +208,68 @@ def ray_path(args, cache: Path, out: Path, workers: int) -> tuple[float, float]:
             generated += generate_fold(store, s, fold, plan_classes(), timed).generated
         seconds = time.perf_counter() - t0
     assert generated == args.folds * (args.images // args.folds), generated
-    return seconds, steady_rate(stamps)
+    return seconds, steady_rate(stamps, workers)
+
+
+def steady_rounds(args, cache: Path, out: Path) -> tuple[float, float]:
+    """Steady images/s of the serial loop, 1 warm actor and 2 warm actors, interleaved in rounds (module
+    doc); prints each round and returns the medians of the paired ratios (1 actor / serial, 2 / 1)."""
+    import torch
+
+    from t2id.generate.core import generate_fold
+    from t2id.generate.plan import gen_params, initial_plan
+    from t2id.generate.ray_layer import WarmPool
+    from t2id.generate.worker import ImageGenerator
+    from t2id.lora.models import load_sdxl_pipeline
+    from t2id.store import open_store
+
+    per_round = max(args.images // args.rounds, 3 * args.batch_size)
+    torch.set_num_threads(1)
+    pipe = load_sdxl_pipeline("tiny", cache)
+    pools, stores = {}, {}
+    for workers in (1, 2):
+        s = make_settings(args, workers, per_round)
+        stores[workers] = open_store(str(out / f"ray{workers}"))
+        pools[workers] = WarmPool(ImageGenerator, s, stores[workers], s.generate, str(cache))
+
+    def pool_rate(workers: int, fold: int) -> float:
+        stamps: list[tuple[float, int]] = []
+
+        def timed(rows, on_batch):
+            def stamped(batch):
+                stamps.append((time.perf_counter(), len(batch["key"])))
+                on_batch(batch)
+
+            pools[workers](rows, stamped)
+
+        s = make_settings(args, workers, per_round)
+        assert generate_fold(stores[workers], s, fold, plan_classes(), timed).generated == per_round
+        return steady_rate(stamps, workers)
+
+    try:
+        for workers in (1, 2):
+            pool_rate(workers, 0)  # fold 0 warms the pool up: actors started, pipelines loaded
+        serial_loop(args, pipe, plan_for(args)[:args.batch_size], open_store(str(out / "serial-warmup")))
+        ratios: list[tuple[float, float]] = []
+        for round_ in range(args.rounds):
+            fold = round_ + 1  # a fold of its own per round: nothing is found done in the store
+            rows = initial_plan(0, fold, plan_classes(), gen_params(make_settings(args, 1, per_round), ""), per_round)
+            draws = {
+                "serial": lambda: steady_rate(serial_loop(args, pipe, rows, open_store(str(out / "serial-steady")))),
+                "one": lambda: pool_rate(1, fold),
+                "two": lambda: pool_rate(2, fold),
+            }
+            order = list(draws) if round_ % 2 == 0 else list(reversed(draws))  # a linear drift cancels out
+            rate = {name: draws[name]() for name in order}
+            serial, one, two = rate["serial"], rate["one"], rate["two"]
+            ratios.append((one / serial, two / one))
+            print(f"  steady round {round_ + 1}/{args.rounds} ({per_round} images each): serial {serial:.2f}, "
+                  f"ray x1 {one:.2f}, ray x2 {two:.2f} images/s; ray x1 / serial {one / serial:.2f}x, "
+                  f"ray x2 / ray x1 {two / one:.2f}x")
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -209,7 +288,9 @@ def main(args: argparse.Namespace) -> None:
         from t2id.lora.models import resolve_model_source
 
         resolve_model_source("tiny", cache)  # build the tiny model outside every timing
-        ray.init(num_cpus=max(2, args.only_ray or 2), include_dashboard=False, log_to_driver=False)
+        # 3 logical CPUs: the steady rounds hold a 1-actor and a 2-actor pool at once; only one of them
+        # draws at a time, so no more than 2 cores are ever busy
+        ray.init(num_cpus=max(3, args.only_ray or 3), include_dashboard=False, log_to_driver=False)
         print(f"{args.images} images, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         if args.only_ray:
@@ -227,16 +308,18 @@ def main(args: argparse.Namespace) -> None:
         in_process, in_process_steady = serial_reference(args, cache, tmp / "serial-in-process")
         print(f"serial diffusers loop, in this process (imports done): {in_process:.1f} s, "
               f"{args.images / in_process:.2f} images/s end to end, {in_process_steady:.2f} images/s steady")
-        serial_steady = max(serial_steady, in_process_steady)  # steady ratios: to the faster of the two loops
-        one: tuple[float, float] | None = None
+        one: float | None = None
         for workers in (1, 2):
             seconds, steady = ray_path(args, cache, tmp / f"ray{workers}", workers)
-            versus_one = (f"; vs 1 actor {one[0] / seconds:.2f}x end to end, {steady / one[1]:.2f}x steady"
-                          if one else "")
+            versus_one = f"; vs 1 actor {one / seconds:.2f}x" if one else ""
             print(f"ray x{workers}: {seconds:.1f} s, {args.images / seconds:.2f} images/s end to end "
-                  f"(ratio {serial / seconds:.2f}x; {in_process / seconds:.2f}x the in-process loop), "
-                  f"{steady:.2f} images/s steady (ratio {steady / serial_steady:.2f}x){versus_one}")
-            one = one or (seconds, steady)
+                  f"(ratio {serial / seconds:.2f}x; {in_process / seconds:.2f}x the in-process loop{versus_one}), "
+                  f"{steady:.2f} images/s steady in this run")
+            one = one or seconds
+        print(f"steady state, {args.rounds} interleaved rounds on warm pipelines:")
+        one_vs_serial, two_vs_one = steady_rounds(args, cache, tmp / "steady")
+        print(f"steady state, median of {args.rounds} paired rounds: ray x1 / serial loop {one_vs_serial:.2f}x "
+              f"(goal >= 0.95x), ray x2 / ray x1 {two_vs_one:.2f}x (goal >= 1.8x)")
         print(f"load average now {os.getloadavg()[0]:.1f}")
     finally:
         ray.shutdown()

@@ -198,6 +198,42 @@ def test_one_warm_pool_serves_every_fold_and_reloads_nothing(ray_local, tiny, tm
         assert {r["lora_sha256"] for r in manifest} == {store.sha256(layout.lora.adapter(fold))}
     assert not {r["sha256"] for r in first.records.values()} & {r["sha256"] for r in second.records.values()}
 
+def test_a_pool_leaves_room_for_the_work_beside_it(ray_local):
+    """label's teacher runs beside its top-up generators: the pool starts only as many actors as leave the
+    teacher's CPUs free and keeps them warm across calls; where not even one actor does, `make_room` closes it
+    and the next call starts a new one. (A light worker: the pool's placement is under test, not SDXL.)"""
+
+    class PidWorker:
+        PLAN_COLUMNS = ("key", "fold")
+
+        def __init__(self, **ctor):
+            self.stats, self.fold = {"pid": os.getpid(), "pipeline_loads": 1, "adapter_loads": 0}, None
+
+        def __call__(self, batch):
+            return {"key": batch["key"], "pid": np.full(len(batch["key"]), os.getpid())}
+
+    rows = [{"key": f"k{i}", "fold": 0} for i in range(4)]
+    s = gen_settings(batch_size=1, concurrency=None)  # 4 batches; actors from the cluster's 2 CPUs
+
+    def pids(pool) -> set[int]:
+        seen: list[dict] = []
+        pool(rows, seen.append)
+        assert sorted(k for b in seen for k in b["key"]) == [r["key"] for r in rows]
+        return {int(p) for b in seen for p in b["pid"]}
+
+    with WarmPool(PidWorker, s, None, s.generate, "") as pool:
+        assert len(pids(pool)) == 2  # nothing to leave: one actor per CPU
+    with WarmPool(PidWorker, s, None, s.generate, "", leave={"CPU": 1}) as pool:
+        first = pids(pool)
+        assert len(first) == 1 and pool.make_room()  # 1 actor + the teacher's 1 CPU fit in 2
+        assert pids(pool) == first and pool.started == 1  # warm: the same process served both calls
+    with WarmPool(PidWorker, s, None, s.generate, "", leave={"CPU": 2}) as pool:
+        first = pids(pool)
+        assert len(first) == 1  # at least one actor, even when it leaves too little
+        assert not pool.make_room() and pool.actors == []  # closed: the teacher needs both CPUs
+        assert pids(pool) != first and pool.started == 2
+
+
 def test_corrupt_png_is_regenerated_in_place(tiny, tmp_path):
     """Orchestration without Ray (LocalExecutor): a PNG that no longer matches its record is redone."""
     store = open_store(str(tmp_path / "store"))

@@ -189,6 +189,9 @@ def test_teacher_stage_rejects_images_without_target_class_and_flags_copies(phan
         assert c["used"] + c["shortfall"] == 2 and c["used"] == sum(
             1 for r in labels.to_pylist() if r["class_id"] == c["class_id"] and r["kept"] and r["boxes"])
     assert facts["topup_rounds"] >= 1 and facts["topped_up"] == 5
+    # One pool of top-up generators for the stage; here the teacher's task needs both of the cluster's 2 CPUs,
+    # so the pool gave its actor back before each teacher run and the next round started a new one.
+    assert facts["topup_pool"] == {"actors_started": facts["topup_rounds"], "warm": False}
 
     # The teacher never saw fold 0's validation images: its data yaml validates on the TRAIN split.
     teacher_yaml = next((tmp / "cache" / "label-teacher").glob("fold0-*/teacher-data.yaml"))

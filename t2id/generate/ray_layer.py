@@ -6,6 +6,10 @@ rows, and the worker swaps (unfuse, unload, load, fuse) the LoRA adapter when a 
 arrives. Before, every fold and every top-up round started a new Ray Data actor pool that loaded the
 pipeline again (0.37x a serial loop end to end on CPU, issue 17).
 
+Work that runs beside the pool (label's teacher between its top-up rounds) names what it needs (`leave`): the
+pool then starts no more actors than leave that free, and `make_room` closes the pool when even one actor
+would not (its next call starts it again).
+
 Exactly-once does not depend on the pool: a crashed actor is restarted (generate.max_restarts) and the
 batches it held are retried on it (max_task_retries=-1: as long as restarts remain); a retried batch
 rewrites the same keys with the same bytes, and a row counts as done only once its record is written
@@ -16,6 +20,7 @@ connected cluster. `label` inpaints on this same machinery with its own worker.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +43,14 @@ class Placement:
     gpus: float  # per actor
 
 
-def placement(g: GenerateConfig) -> Placement:
-    """Actors and their resources from generate.device / concurrency / cpus_per_actor and the Ray cluster."""
+def placement(g: GenerateConfig, leave: Mapping[str, float] | None = None) -> Placement:
+    """Actors and their resources from generate.device / concurrency / cpus_per_actor and the Ray cluster;
+    without generate.concurrency, as many actors as fit beside `leave` (resource -> amount), at least one."""
     import ray
 
-    total = ray.cluster_resources()
+    total = dict(ray.cluster_resources())
+    for name, amount in (leave or {}).items():
+        total[name] = total.get(name, 0) - amount
     gpus = ray_gpus(g.device, "generate.device", 1.0)
     if gpus:
         return Placement("cuda", g.concurrency or max(int(total.get("GPU", 0)), 1), g.cpus_per_actor, gpus)
@@ -76,20 +84,23 @@ class WarmPool:
     """An Executor (t2id.generate.core) backed by long-lived actors of `worker_cls`, started at the first
     call and kept until `close()` (or the end of the `with` block): call it for every fold and round.
 
-    It grows (never shrinks) to min(placement actors, batches of the largest call so far)."""
+    It grows (never shrinks) to min(placement actors, batches of the largest call so far). `leave`: resources
+    (Ray names: "CPU", "GPU") that other work needs beside the pool (module doc)."""
 
     def __init__(self, worker_cls: type, settings: StageSettings, store: Store, g: GenerateConfig, cache_dir: str,
-                 endpoint_url: str | None = None) -> None:
+                 endpoint_url: str | None = None, leave: Mapping[str, float] | None = None) -> None:
         self.worker_cls, self.settings, self.store, self.g = worker_cls, settings, store, g
         self.cache_dir, self.endpoint_url = cache_dir, endpoint_url
+        self.leave = dict(leave or {})
         self.actors: list[Any] = []
+        self.started = 0  # actors started over the pool's life (a closed pool starts new ones)
         self.where: Placement | None = None
 
     def _grow(self, n_batches: int) -> None:
         import ray
 
         if self.where is None:
-            self.where = placement(self.g)
+            self.where = placement(self.g, self.leave)
         where = self.where
         want = max(1, min(where.actors, n_batches))
         if len(self.actors) >= want:
@@ -99,7 +110,22 @@ class WarmPool:
                     torch_threads=max(1, int(where.cpus)) if where.device == "cpu" else None)
         actor_cls = ray.remote(PoolActor).options(num_cpus=where.cpus, num_gpus=where.gpus or None,
                                                   max_restarts=self.g.max_restarts, max_task_retries=-1)
+        self.started += want - len(self.actors)
         self.actors += [actor_cls.remote(self.worker_cls, ctor) for _ in range(want - len(self.actors))]
+
+    def make_room(self) -> bool:
+        """Before work that needs `leave`: close the actors unless the cluster holds `leave` beside them (the
+        next call starts them again, loading the pipeline anew). True when the actors stay warm."""
+        import ray
+
+        if not self.actors or self.where is None:
+            return True
+        held = {"CPU": len(self.actors) * self.where.cpus, "GPU": len(self.actors) * self.where.gpus}
+        total = ray.cluster_resources()
+        if all(total.get(name, 0) - held.get(name, 0) >= amount for name, amount in self.leave.items() if amount):
+            return True
+        self.close()
+        return False
 
     def __call__(self, rows: list[dict], on_batch: OnBatch) -> None:
         """Render `rows`; `on_batch` sees each finished batch of result columns, in completion order."""
@@ -150,6 +176,7 @@ class WarmPool:
 
 def run_ray(rows: list[dict], on_batch: OnBatch, *, worker_cls: type, settings: StageSettings, store: Store,
             g: GenerateConfig, cache_dir: str, endpoint_url: str | None = None) -> None:
-    """One-shot executor: `rows` through a pool that lives for this call only (tests, the teacher's top-up)."""
+    """One-shot executor: `rows` through a pool that lives for this call only (tests; DreamBooth's prior images,
+    drawn just before the fold's training, which needs the pool's GPUs back)."""
     with WarmPool(worker_cls, settings, store, g, cache_dir, endpoint_url) as pool:
         pool(rows, on_batch)

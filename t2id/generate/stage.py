@@ -91,9 +91,11 @@ def generate_one_fold(ctx: StageContext, s: GenerateSettings, fold: int, classes
 
 
 def pool_facts(pool: WarmPool) -> dict:
-    """The warm pool so far in this stage: its actors, and how often they loaded the pipeline and adapters."""
+    """The warm pool so far in this stage: the actors it started, the live ones, and how often these loaded
+    the pipeline and adapters."""
     stats = pool.stats() if pool.actors else []
-    return {"actors": len(stats), "pipeline_loads": sum(a["pipeline_loads"] for a in stats),
+    return {"actors_started": pool.started, "actors": len(stats),
+            "pipeline_loads": sum(a["pipeline_loads"] for a in stats),
             "adapter_loads": sum(a["adapter_loads"] for a in stats), "pids": sorted(a["pid"] for a in stats)}
 
 

@@ -12,7 +12,8 @@ Per fold k (label.folds, default every fold; keys from t2id.layout.label):
      reject.
   3. Top-up: while a class has fewer usable images (kept with boxes) than its target, new candidates are
      made and go through steps 1-2 (teacher: text-to-image with the fold's generator, seeds of their own,
-     under layout.label.topup(k); inpaint: the next indices of the inpaint plan), until the target is
+     under layout.label.topup(k), on one warm pool for every fold and round that leaves the teacher its
+     resources; inpaint: the next indices of the inpaint plan), until the target is
      reached or ceil(label.max_attempts_factor x target) candidates were tried. Each row records its
      round (0: the first candidates).
   4. labels.parquet: LABELS_SCHEMA rows, rejected ones included with their reason; its schema metadata
@@ -191,15 +192,31 @@ def inpaint_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     return rows
 
 
-def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], fold: int,
+def topup_pool(ctx: StageContext, s: LabelSettings) -> WarmPool:
+    """The teacher's top-up generators, warm for every fold and round: as many actors as leave the teacher's
+    task its CPUs and GPU (label.teacher.cpus / device), so the teacher runs beside them. Where not even one
+    actor leaves that free (one GPU for both), the pool is closed before each teacher run (`make_room`)."""
+    from t2id.devices import ray_gpus
+    from t2id.generate.ray_layer import WarmPool
+    from t2id.generate.stage import worker_class
+    from t2id.raycluster import ensure_ray
+
+    assert s.topup is not None
+    ensure_ray(ctx.cluster)
+    teacher = s.label.teacher
+    leave = {"CPU": teacher.cpus, "GPU": ray_gpus(teacher.device, "label.teacher.device")}
+    return WarmPool(worker_class(s.topup), s.topup, ctx.store, s.topup.generate, str(ctx.cache_dir),
+                    ctx.endpoint_url, leave=leave)
+
+
+def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], pool: WarmPool, fold: int,
                   ranges: dict[str, tuple[int, int]], round_: int) -> list[dict]:
     """A top-up round of the teacher method: new text-to-image candidates from the fold's generator (generate's
-    worker and gate, seeds of their own), stored under layout.label.topup(fold), then labelled by the teacher."""
+    worker and gate, seeds of their own, on the stage's warm `pool`), stored under layout.label.topup(fold),
+    then labelled by the teacher."""
     from t2id.generate.core import execute_rows, manifest_table, record_from_batch, verified_records
     from t2id.generate.plan import gen_params, plan_rows
     from t2id.generate.quality import judge
-    from t2id.generate.ray_layer import run_ray
-    from t2id.generate.stage import worker_class
     from t2id.label.ray_layer import teacher_folds
 
     store, gen = ctx.store, s.topup
@@ -218,16 +235,14 @@ def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass],
     records = verified_records(store, plan, set(store.list(layout.label.topup(fold))), need_clip)
     todo = [r for r in plan if r["key"] not in records]
     if todo:
-        # A pool for this round only: the teacher's Ray task below needs the CPUs/GPU that warm generation
-        # actors would keep reserved.
-        executor = partial(run_ray, worker_cls=worker_class(gen), settings=gen, store=store, g=g,
-                           cache_dir=str(ctx.cache_dir), endpoint_url=ctx.endpoint_url)
-
         def make_record(batch: dict, i: int, row: dict) -> dict:
             return record_from_batch(batch, i, row, gen.base_model, params.scheduler, lora_sha256)
 
         with ctx.events.progress(f"label fold {fold}: top-up round {round_} images", len(todo)) as advance:
-            execute_rows(f"label fold {fold} top-up", todo, executor, records, make_record, advance)
+            execute_rows(f"label fold {fold} top-up", todo, pool, records, make_record, advance)
+    if not pool.make_room():  # the teacher's task below needs what the generation actors held
+        ctx.events.info(f"label fold {fold}: top-up generators closed to free label.teacher's resources; the "
+                        "next round starts them again")
     for record in records.values():  # generate's gate with the current thresholds
         verdict = judge(record["std"], record["entropy"], record.get("clip_score"), g.quality)
         record["kept"], record["reject_reason"] = verdict.kept, verdict.reject_reason
@@ -274,11 +289,15 @@ def run(ctx: StageContext, s: LabelSettings) -> StageResult:
     if s.label.method != "teacher":  # inpaint, inpaint_outpaint
         with inpaint_pool(ctx, s) as pool:
             return run_with(ctx, s, pool)
+    if s.topup is not None:
+        with topup_pool(ctx, s) as pool:
+            return run_with(ctx, s, pool)
     return run_with(ctx, s, None)
 
 
 def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> StageResult:
-    """The stage with `pool`: the warm inpainting actors (inpaint method), None for the teacher."""
+    """The stage with `pool`, its warm generation actors: the inpainting ones (inpaint methods), the teacher's
+    top-up generators (teacher with top-up), else None."""
     from t2id.generate.core import remove_stale
     from t2id.generate.plan import method_classes
     from t2id.label.inpaint import remove_stale_inpaint
@@ -310,9 +329,11 @@ def run_with(ctx: StageContext, s: LabelSettings, pool: WarmPool | None) -> Stag
         rounds = 0
         if teacher:
             if s.topup is not None:
+                assert pool is not None
                 rows, rounds = top_up(ctx, fold, rows, classes, target, budget,
                                       lambda mine: sum(1 for r in mine if r["round"] > 0),
-                                      partial(teacher_topup, ctx, s, classes), score)
+                                      partial(teacher_topup, ctx, s, classes, pool), score)
+                facts = {**facts, "topup_pool": {"actors_started": pool.started, "warm": bool(pool.actors)}}
             removed = remove_stale(store, [r for r in rows if r["round"] > 0],
                                    [layout.label.topup_images(fold), layout.label.topup_records(fold)])
         else:

@@ -223,14 +223,14 @@ def steady_rounds(args, cache: Path, out: Path) -> tuple[float, float]:
     from t2id.lora.models import load_sdxl_pipeline
     from t2id.store import open_store
 
-    per_round = max(args.images // args.rounds, 3 * args.batch_size)
+    # 2 actors' steady window leaves out 2 batches at each end (steady_rate): at least 2 more within it
+    per_round = max(args.images // args.rounds, 6 * args.batch_size)
     torch.set_num_threads(1)
     pipe = load_sdxl_pipeline("tiny", cache)
-    pools, stores = {}, {}
-    for workers in (1, 2):
-        s = make_settings(args, workers, per_round)
-        stores[workers] = open_store(str(out / f"ray{workers}"))
-        pools[workers] = WarmPool(ImageGenerator, s, stores[workers], s.generate, str(cache))
+    settings = {workers: make_settings(args, workers, per_round) for workers in (1, 2)}
+    stores = {workers: open_store(str(out / f"ray{workers}")) for workers in (1, 2)}
+    pools = {workers: WarmPool(ImageGenerator, s, stores[workers], s.generate, str(cache))
+             for workers, s in settings.items()}
 
     def pool_rate(workers: int, fold: int) -> float:
         stamps: list[tuple[float, int]] = []
@@ -242,8 +242,7 @@ def steady_rounds(args, cache: Path, out: Path) -> tuple[float, float]:
 
             pools[workers](rows, stamped)
 
-        s = make_settings(args, workers, per_round)
-        assert generate_fold(stores[workers], s, fold, plan_classes(), timed).generated == per_round
+        assert generate_fold(stores[workers], settings[workers], fold, plan_classes(), timed).generated == per_round
         return steady_rate(stamps, workers)
 
     try:
@@ -253,7 +252,7 @@ def steady_rounds(args, cache: Path, out: Path) -> tuple[float, float]:
         ratios: list[tuple[float, float]] = []
         for round_ in range(args.rounds):
             fold = round_ + 1  # a fold of its own per round: nothing is found done in the store
-            rows = initial_plan(0, fold, plan_classes(), gen_params(make_settings(args, 1, per_round), ""), per_round)
+            rows = initial_plan(0, fold, plan_classes(), gen_params(settings[1], ""), per_round)
             draws = {
                 "serial": lambda: steady_rate(serial_loop(args, pipe, rows, open_store(str(out / "serial-steady")))),
                 "one": lambda: pool_rate(1, fold),

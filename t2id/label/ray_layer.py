@@ -31,6 +31,13 @@ def teacher_task(settings: LabelSettings, store: Store, fold: int, cache_dir: st
     return rows, {**facts, "teacher_resources": dict(ray.get_runtime_context().get_assigned_resources())}
 
 
+def teacher_resources(s: LabelSettings) -> dict[str, float]:
+    """What one fold's teacher task reserves (Ray resource names): label.teacher.cpus, and a GPU when
+    label.teacher.device asks for one and the connected cluster has one."""
+    teacher = s.label.teacher
+    return {"CPU": teacher.cpus, "GPU": ray_gpus(teacher.device, "label.teacher.device")}
+
+
 def teacher_folds(store: Store, s: LabelSettings, folds: list[int], cache_dir: str, force: bool,
                   events: Events | None = None, rows: dict[int, list[dict]] | None = None
                   ) -> dict[int, tuple[list[dict], dict[str, Any]]]:
@@ -39,12 +46,12 @@ def teacher_folds(store: Store, s: LabelSettings, folds: list[int], cache_dir: s
     import ray
 
     events = events or LogEvents()
-    teacher = s.label.teacher
-    gpus = ray_gpus(teacher.device, "label.teacher.device")
+    need = teacher_resources(s)
+    cpus, gpus = need["CPU"], need["GPU"]
     if rows is None:
         events.info(f"label: the teacher of fold(s) {folds} trains and predicts in Ray tasks of "
-                    f"{teacher.cpus:g} CPU(s){f' and {gpus:g} GPU' if gpus else ''} each")
-    task = ray.remote(teacher_task).options(num_cpus=teacher.cpus, num_gpus=gpus)
+                    f"{cpus:g} CPU(s){f' and {gpus:g} GPU' if gpus else ''} each")
+    task = ray.remote(teacher_task).options(num_cpus=cpus, num_gpus=gpus)
     pending = {task.remote(s, store, fold, cache_dir, force, None if rows is None else rows[fold]): fold
                for fold in folds}
     results = {}

@@ -196,17 +196,15 @@ def topup_pool(ctx: StageContext, s: LabelSettings) -> WarmPool:
     """The teacher's top-up generators, warm for every fold and round: as many actors as leave the teacher's
     task its CPUs and GPU (label.teacher.cpus / device), so the teacher runs beside them. Where not even one
     actor leaves that free (one GPU for both), the pool is closed before each teacher run (`make_room`)."""
-    from t2id.devices import ray_gpus
     from t2id.generate.ray_layer import WarmPool
     from t2id.generate.stage import worker_class
+    from t2id.label.ray_layer import teacher_resources
     from t2id.raycluster import ensure_ray
 
     assert s.topup is not None
     ensure_ray(ctx.cluster)
-    teacher = s.label.teacher
-    leave = {"CPU": teacher.cpus, "GPU": ray_gpus(teacher.device, "label.teacher.device")}
     return WarmPool(worker_class(s.topup), s.topup, ctx.store, s.topup.generate, str(ctx.cache_dir),
-                    ctx.endpoint_url, leave=leave)
+                    ctx.endpoint_url, leave=teacher_resources(s))
 
 
 def teacher_topup(ctx: StageContext, s: LabelSettings, classes: list[PlanClass], pool: WarmPool, fold: int,
